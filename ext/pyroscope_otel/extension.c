@@ -1,0 +1,175 @@
+/*
+ * extension.c — Init and the thin Ruby binding, Pyroscope::Native (all GVL).
+ *
+ * Arguments are checked here, before any lock is taken or any state changes, so that a
+ * bad call raises (ArgumentError/TypeError naming the value) and leaves nothing half
+ * done. Keyword options and defaults live in lib/pyroscope/native.rb.
+ * Also holds the GC root that marks the aggregation buffers, and the fork handler.
+ */
+#include "pyroscope_otel.h"
+#include <pthread.h>
+
+static VALUE mNative;
+
+static void roots_mark(void *p)
+{
+    (void)p;
+    po_windows_mark();
+}
+
+static const rb_data_type_t roots_type = {
+    .wrap_struct_name = "pyroscope_otel/roots",
+    .function = { .dmark = roots_mark },
+};
+
+static VALUE native_start(VALUE self, VALUE rate, VALUE depth, VALUE max_samples)
+{
+    (void)self;
+    int hz = NUM2INT(rate);
+    if (hz < 1 || hz > 1000) rb_raise(rb_eArgError, "sample_rate must be 1..1000 Hz, got %d", hz);
+    int d = NUM2INT(depth);
+    if (d < 1 || d > PO_MAX_DEPTH_LIMIT) rb_raise(rb_eArgError, "max_depth must be 1..%d, got %d", PO_MAX_DEPTH_LIMIT, d);
+    long m = NUM2LONG(max_samples);
+    if (m < 16 || m > (1L << 24)) rb_raise(rb_eArgError, "max_samples must be 16..%ld, got %ld", 1L << 24, m);
+    return po_start(1000000000L / hz, d, (uint32_t)m) ? Qtrue : Qfalse;
+}
+
+static VALUE native_stop(VALUE self)
+{
+    (void)self;
+    return po_stop() ? Qtrue : Qfalse;
+}
+
+static VALUE native_running_p(VALUE self)
+{
+    (void)self;
+    return po_running ? Qtrue : Qfalse;
+}
+
+static VALUE native_take_window(VALUE self)
+{
+    (void)self;
+    return po_take_window();
+}
+
+/* set_labels(hash_or_nil, skip_frames = 0): replace the calling thread's labels. The CPU
+ * used since its last sample goes to the old labels, with the stack minus skip_frames
+ * frames above this call (the caller's own helper frames). */
+static VALUE native_set_labels(int argc, VALUE *argv, VALUE self)
+{
+    (void)self;
+    VALUE labels, skip;
+    rb_scan_args(argc, argv, "11", &labels, &skip);
+    int s = NIL_P(skip) ? 0 : NUM2INT(skip);
+    if (s < 0 || s >= PO_MAX_SKIP) rb_raise(rb_eArgError, "skip_frames must be 0..%d, got %d", PO_MAX_SKIP - 1, s);
+    po_thread *t = po_thread_current(1);
+    if (!t) rb_raise(rb_eRuntimeError, "pyroscope: more than %d threads carry labels", PO_MAX_THREADS);
+    po_labelset *ls = po_labelset_from_hash(labels); /* may raise: before any state changes */
+    po_switch_labels(t, ls, s + 1 /* this C function's own frame */);
+    return Qnil;
+}
+
+static VALUE native_labels(VALUE self)
+{
+    (void)self;
+    po_thread *t = po_thread_current(0);
+    if (!t) return rb_hash_new();
+    po_lock();
+    po_labelset *ls = t->labels;
+    po_labelset_ref(ls);
+    po_unlock();
+    VALUE h = po_labelset_to_hash(ls);
+    po_lock();
+    po_labelset_unref(ls);
+    po_unlock();
+    return h;
+}
+
+static pid_t tid_arg(VALUE tid)
+{
+    long v = NUM2LONG(tid);
+    if (v <= 0 || v > INT32_MAX) rb_raise(rb_eArgError, "not a native thread id: %ld", v);
+    return (pid_t)v;
+}
+
+/* set_thread_labels(native_thread_id, hash_or_nil): another thread's slot. Its stack is
+ * not ours to walk, so its CPU since its last sample goes to the new labels. */
+static VALUE native_set_thread_labels(VALUE self, VALUE tid, VALUE labels)
+{
+    (void)self;
+    pid_t id = tid_arg(tid);
+    po_thread *mine = po_thread_current(1);
+    if (mine && mine->tid == id) return native_set_labels(1, &labels, self);
+    po_labelset *ls = po_labelset_from_hash(labels);
+    po_thread *t = po_thread_by_tid(id, 1);
+    po_lock();
+    if (!t || t->tid != id) { /* no room, or the thread exited meanwhile */
+        po_labelset_unref(ls);
+        po_unlock();
+        return Qfalse;
+    }
+    po_labelset *old = t->labels;
+    t->labels = ls;
+    t->label_changes++;
+    po_labelset_unref(old);
+    po_unlock();
+    return Qtrue;
+}
+
+static VALUE native_stats(VALUE self)
+{
+    (void)self;
+    VALUE h = rb_hash_new();
+    po_lock();
+    size_t threads = po_threads_in_use(), label_sets = po_labelset_live_count();
+    uint64_t samples = po_stat_samples, flushes = po_stat_label_flushes, terr = po_stat_timer_errors;
+    uint64_t refused = po_threads_refused;
+    uint64_t dropped = po_active ? po_active->dropped_samples : 0;
+    uint64_t dropped_ns = po_active ? po_active->dropped_cpu_ns : 0;
+    po_unlock();
+#define SET(k, v) rb_hash_aset(h, ID2SYM(rb_intern(k)), v)
+    SET("running", po_running ? Qtrue : Qfalse);
+    SET("samples", ULL2NUM(samples));
+    SET("label_flushes", ULL2NUM(flushes));
+    SET("skipped_busy", ULL2NUM(__atomic_load_n(&po_stat_skipped_busy, __ATOMIC_RELAXED)));
+    SET("skipped_off_gvl", ULL2NUM(__atomic_load_n(&po_stat_skipped_off_gvl, __ATOMIC_RELAXED)));
+    SET("timer_errors", ULL2NUM(terr));
+    SET("last_timer_errno", INT2NUM(po_stat_last_timer_errno));
+    SET("threads", SIZET2NUM(threads));
+    SET("threads_refused", ULL2NUM(refused));
+    SET("label_sets", SIZET2NUM(label_sets));
+    SET("window_dropped_samples", ULL2NUM(dropped));
+    SET("window_dropped_cpu_ns", ULL2NUM(dropped_ns));
+    SET("signal_handler_installed", po_signal_installed() ? Qtrue : Qfalse);
+#undef SET
+    return h;
+}
+
+static VALUE native_thread_cpu_ns(VALUE self)
+{
+    (void)self;
+    return ULL2NUM(po_thread_cpu_ns(po_gettid()));
+}
+
+RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
+{
+    VALUE mPyroscope = rb_define_module("Pyroscope");
+    mNative = rb_define_module_under(mPyroscope, "Native");
+
+    VALUE roots = TypedData_Wrap_Struct(rb_cObject, &roots_type, NULL);
+    rb_gc_register_mark_object(roots);
+
+    po_thread_events_init();
+    pthread_atfork(NULL, NULL, po_sampler_after_fork_child);
+
+    rb_define_singleton_method(mNative, "_start", native_start, 3);
+    rb_define_singleton_method(mNative, "stop", native_stop, 0);
+    rb_define_singleton_method(mNative, "running?", native_running_p, 0);
+    rb_define_singleton_method(mNative, "take_window", native_take_window, 0);
+    rb_define_singleton_method(mNative, "set_labels", native_set_labels, -1);
+    rb_define_singleton_method(mNative, "labels", native_labels, 0);
+    rb_define_singleton_method(mNative, "set_thread_labels", native_set_thread_labels, 2);
+    rb_define_singleton_method(mNative, "stats", native_stats, 0);
+    rb_define_singleton_method(mNative, "thread_cpu_ns", native_thread_cpu_ns, 0);
+    rb_define_const(mNative, "MAX_THREADS", INT2NUM(PO_MAX_THREADS));
+}

@@ -1,0 +1,218 @@
+/*
+ * labels.c — label sets: what a thread's label slot points to.
+ *
+ * A label set is immutable once built, interned (equal sets share one allocation, so the
+ * aggregation can key samples by pointer) and reference-counted: the slot of every thread
+ * that carries it holds one reference and so does every aggregated sample of it, which
+ * keeps it alive until its window is taken even after the span that made it has ended.
+ *
+ * Contexts: building from a Ruby Hash and converting back run on the GVL and may raise,
+ * so they finish all Ruby work before taking po_lock. ref/unref and the intern table run
+ * under po_lock (GVL or NOGVL); unref may free. The handler only reads a set's pointer and
+ * takes a reference through po_labelset_ref, which never allocates.
+ */
+#include "pyroscope_otel.h"
+#include <stdlib.h>
+#include <string.h>
+
+#define PO_MAX_LABELS 100      /* the server's labels-per-sample limit */
+#define PO_MAX_KEY_BYTES 1024  /* the server's label name limit */
+#define PO_MAX_VALUE_BYTES 2048 /* the server's label value limit */
+
+static po_labelset **intern_buckets;
+static size_t intern_mask, intern_count;
+
+static uint64_t fnv1a(uint64_t h, const char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)p[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h;
+}
+
+/* Cut at a UTF-8 character boundary so that a cut value stays valid text. */
+static long utf8_cut(const char *p, long len, long max)
+{
+    if (len <= max) return len;
+    long n = max;
+    while (n > 0 && ((unsigned char)p[n] & 0xC0) == 0x80) n--;
+    return n;
+}
+
+static VALUE label_key(VALUE k)
+{
+    if (RB_TYPE_P(k, T_STRING)) return k;
+    if (RB_TYPE_P(k, T_SYMBOL)) return rb_sym2str(k);
+    rb_raise(rb_eTypeError, "label key must be a String or Symbol, got %"PRIsVALUE" (%+"PRIsVALUE")",
+             rb_obj_class(k), k);
+}
+
+/* Numbers and booleans become their text, as the Pyroscope gem's tags did. */
+static VALUE label_value(VALUE v, VALUE key)
+{
+    switch (TYPE(v)) {
+    case T_STRING: return v;
+    case T_SYMBOL: return rb_sym2str(v);
+    case T_FIXNUM: case T_BIGNUM: case T_FLOAT: case T_TRUE: case T_FALSE: return rb_obj_as_string(v);
+    default:
+        rb_raise(rb_eTypeError,
+                 "label %+"PRIsVALUE" must have a String, Symbol, Numeric, true or false value, got %"PRIsVALUE,
+                 key, rb_obj_class(v));
+    }
+}
+
+static int cmp_label(const void *a, const void *b)
+{
+    const po_label *x = a, *y = b;
+    uint32_t n = x->key_len < y->key_len ? x->key_len : y->key_len;
+    int c = memcmp(x->key, y->key, n);
+    if (c) return c;
+    return (x->key_len > y->key_len) - (x->key_len < y->key_len);
+}
+
+static int labelset_equal(const po_labelset *a, const po_labelset *b)
+{
+    if (a->hash != b->hash || a->count != b->count) return 0;
+    for (uint32_t i = 0; i < a->count; i++) {
+        const po_label *x = &a->pairs[i], *y = &b->pairs[i];
+        if (x->key_len != y->key_len || x->value_len != y->value_len ||
+            memcmp(x->key, y->key, x->key_len) || memcmp(x->value, y->value, x->value_len))
+            return 0;
+    }
+    return 1;
+}
+
+static void intern_grow(void)
+{
+    size_t cap = intern_buckets ? (intern_mask + 1) * 2 : 256;
+    po_labelset **nb = calloc(cap, sizeof(*nb));
+    if (!nb) return; /* a longer chain is slower, never wrong */
+    for (size_t i = 0; intern_buckets && i <= intern_mask; i++) {
+        po_labelset *ls = intern_buckets[i];
+        while (ls) {
+            po_labelset *next = ls->intern_next;
+            size_t b = ls->hash & (cap - 1);
+            ls->intern_next = nb[b];
+            nb[b] = ls;
+            ls = next;
+        }
+    }
+    free(intern_buckets);
+    intern_buckets = nb;
+    intern_mask = cap - 1;
+}
+
+/* Under po_lock: the interned twin of `cand` with a new reference, or `cand` itself
+ * entered into the table. */
+static po_labelset *intern(po_labelset *cand)
+{
+    if (!intern_buckets || intern_count >= intern_mask + 1) intern_grow();
+    if (!intern_buckets) { cand->refs = 1; cand->intern_next = NULL; return cand; }
+    size_t b = cand->hash & intern_mask;
+    for (po_labelset *ls = intern_buckets[b]; ls; ls = ls->intern_next) {
+        if (labelset_equal(ls, cand)) {
+            ls->refs++;
+            return ls;
+        }
+    }
+    cand->refs = 1;
+    cand->intern_next = intern_buckets[b];
+    intern_buckets[b] = cand;
+    intern_count++;
+    return cand;
+}
+
+/* String key -> String value, so that "a" and :a are one key and the later one wins,
+ * as in a Hash merge. */
+static int collect_pair(VALUE k, VALUE v, VALUE strs)
+{
+    if (NIL_P(v)) return ST_CONTINUE; /* nil removes: the Pyroscope gem's tag semantics */
+    VALUE ks = label_key(k), vs = label_value(v, k);
+    if (RSTRING_LEN(ks) == 0) rb_raise(rb_eArgError, "label key must not be empty");
+    rb_hash_aset(strs, ks, vs);
+    return ST_CONTINUE;
+}
+
+static int flatten_pair(VALUE k, VALUE v, VALUE ary)
+{
+    rb_ary_push(ary, k);
+    rb_ary_push(ary, v);
+    return ST_CONTINUE;
+}
+
+po_labelset *po_labelset_from_hash(VALUE hash)
+{
+    if (NIL_P(hash)) return NULL;
+    Check_Type(hash, T_HASH);
+    VALUE strs = rb_hash_new();
+    rb_hash_foreach(hash, collect_pair, strs);
+    long n_in = RHASH_SIZE(strs);
+    if (n_in == 0) return NULL;
+    if (n_in > PO_MAX_LABELS)
+        rb_raise(rb_eArgError, "too many labels on one thread: %ld (the server accepts at most %d per sample)",
+                 n_in, PO_MAX_LABELS);
+    struct { VALUE strs; long n; } c = { rb_ary_new_capa(n_in * 2), n_in };
+    rb_hash_foreach(strs, flatten_pair, c.strs);
+
+    size_t bytes = 0;
+    for (long i = 0; i < c.n * 2; i++) bytes += RSTRING_LEN(RARRAY_AREF(c.strs, i)) + 1;
+    po_labelset *ls = malloc(sizeof(*ls) + c.n * sizeof(po_label) + bytes);
+    if (!ls) rb_raise(rb_eNoMemError, "pyroscope: cannot allocate a label set");
+    char *p = (char *)&ls->pairs[c.n];
+    for (long i = 0; i < c.n; i++) {
+        VALUE ks = RARRAY_AREF(c.strs, 2 * i), vs = RARRAY_AREF(c.strs, 2 * i + 1);
+        long kl = utf8_cut(RSTRING_PTR(ks), RSTRING_LEN(ks), PO_MAX_KEY_BYTES);
+        long vl = utf8_cut(RSTRING_PTR(vs), RSTRING_LEN(vs), PO_MAX_VALUE_BYTES);
+        po_label *l = &ls->pairs[i];
+        memcpy(p, RSTRING_PTR(ks), kl); p[kl] = 0; l->key = p; l->key_len = kl; p += kl + 1;
+        memcpy(p, RSTRING_PTR(vs), vl); p[vl] = 0; l->value = p; l->value_len = vl; p += vl + 1;
+    }
+    RB_GC_GUARD(c.strs);
+    RB_GC_GUARD(strs);
+    qsort(ls->pairs, c.n, sizeof(po_label), cmp_label);
+    uint32_t n = (uint32_t)c.n;
+    ls->count = n;
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (uint32_t i = 0; i < n; i++) {
+        h = fnv1a(h, ls->pairs[i].key, ls->pairs[i].key_len + 1);
+        h = fnv1a(h, ls->pairs[i].value, ls->pairs[i].value_len + 1);
+    }
+    ls->hash = h;
+
+    po_lock();
+    po_labelset *got = intern(ls);
+    po_unlock();
+    if (got != ls) free(ls);
+    return got;
+}
+
+VALUE po_labelset_to_hash(const po_labelset *ls)
+{
+    VALUE h = rb_hash_new();
+    for (uint32_t i = 0; ls && i < ls->count; i++)
+        rb_hash_aset(h, rb_utf8_str_new(ls->pairs[i].key, ls->pairs[i].key_len),
+                     rb_utf8_str_new(ls->pairs[i].value, ls->pairs[i].value_len));
+    return h;
+}
+
+void po_labelset_ref(po_labelset *ls)
+{
+    if (ls) ls->refs++;
+}
+
+void po_labelset_unref(po_labelset *ls)
+{
+    if (!ls || --ls->refs) return;
+    if (intern_buckets) {
+        po_labelset **pp = &intern_buckets[ls->hash & intern_mask];
+        while (*pp && *pp != ls) pp = &(*pp)->intern_next;
+        if (*pp) { *pp = ls->intern_next; intern_count--; }
+    }
+    free(ls);
+}
+
+size_t po_labelset_live_count(void)
+{
+    return intern_count;
+}

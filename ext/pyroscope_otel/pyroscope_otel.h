@@ -1,0 +1,178 @@
+/*
+ * pyroscope_otel.h — the types and entry points shared by the extension's files.
+ *
+ * Execution contexts used in every file's header comment:
+ *   HANDLER  the SIGPROF handler, on the thread whose CPU timer expired; async-signal-safe
+ *            code only, no malloc, no Ruby objects, never blocks (try-lock only).
+ *   GVL      a Ruby thread holding the GVL; may allocate Ruby objects and may raise
+ *            (longjmp), so nothing that can raise runs while po_lock is held.
+ *   NOGVL    a native thread without the GVL (thread event hooks on Ruby >= 3.2, the
+ *            atfork child handler); may malloc/free and take po_lock, never touches Ruby
+ *            objects.
+ *
+ * po_lock is the one lock of the extension. It guards the thread table's mutable fields,
+ * label-set reference counts and the intern table, and both aggregation buffers. GVL and
+ * NOGVL code spin on it (its holders never block and never hold it for more than a few
+ * microseconds); the handler only tries it and, when it is taken, skips the sample: the
+ * thread's CPU time is not lost, the next sample's weight carries it.
+ */
+#ifndef PYROSCOPE_OTEL_H
+#define PYROSCOPE_OTEL_H
+
+#include <ruby.h>
+#include <ruby/debug.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <time.h>
+
+#define PO_MAX_THREADS 4096
+#define PO_MAX_DEPTH_LIMIT 4096
+#define PO_MAX_SKIP 64 /* frames a label change may skip above its caller */
+
+/* ---- lock.c ---------------------------------------------------------------------- */
+void po_lock(void);
+int po_trylock(void); /* HANDLER-safe; 1 when acquired */
+void po_unlock(void);
+void po_lock_reset_after_fork(void);
+
+/* ---- labels.c: immutable, interned, reference-counted label sets ---------------- */
+typedef struct po_label {
+    const char *key, *value;
+    uint32_t key_len, value_len;
+} po_label;
+
+typedef struct po_labelset {
+    uint64_t hash;
+    uint32_t refs; /* under po_lock */
+    uint32_t count;
+    struct po_labelset *intern_next;
+    po_label pairs[]; /* sorted by key, keys unique; the bytes follow the array */
+} po_labelset;
+
+/* GVL: builds (or finds) the interned set for a Ruby Hash; returns a new reference.
+ * May raise on bad keys/values: call it before taking po_lock. NULL for an empty hash. */
+po_labelset *po_labelset_from_hash(VALUE hash);
+VALUE po_labelset_to_hash(const po_labelset *ls); /* GVL */
+void po_labelset_ref(po_labelset *ls);            /* under po_lock; NULL ok */
+void po_labelset_unref(po_labelset *ls);          /* under po_lock; NULL ok; may free */
+size_t po_labelset_live_count(void);              /* under po_lock */
+
+/* ---- thread_state.c: the table of known threads -------------------------------- */
+typedef struct po_thread {
+    pid_t tid;              /* 0: free slot */
+    volatile int holds_gvl; /* Ruby >= 3.2: kept by the GVL hooks */
+    int has_timer;
+    timer_t timer;
+    uint64_t last_cpu_ns;   /* CPU time already accounted; under po_lock */
+    po_labelset *labels;    /* the label slot; under po_lock */
+    uint64_t label_changes;
+} po_thread;
+
+extern po_thread po_threads[PO_MAX_THREADS];
+
+po_thread *po_thread_current(int create);        /* GVL or NOGVL, the calling thread */
+po_thread *po_thread_by_tid(pid_t tid, int create);
+po_thread *po_thread_for(VALUE thread, int create); /* GVL */
+void po_thread_release(po_thread *t);             /* under po_lock: timer, labels, slot */
+void po_thread_forget_current(void);              /* the calling thread is exiting */
+void po_threads_after_fork_child(void);
+uint64_t po_thread_cpu_ns(pid_t tid);             /* HANDLER-safe */
+clockid_t po_thread_clock(pid_t tid);
+pid_t po_gettid(void);                            /* HANDLER-safe */
+size_t po_threads_in_use(void);                   /* under po_lock */
+extern uint64_t po_threads_refused; /* slots exhausted */
+
+/* ---- timer.c: one POSIX CPU-time timer per thread ------------------------------ */
+int po_timer_arm(po_thread *t, int slot, long interval_ns); /* 0 or errno */
+void po_timer_disarm(po_thread *t);
+
+/* ---- signal.c -------------------------------------------------------------------- */
+void po_signal_install(void); /* GVL; raises when another profiler owns SIGPROF */
+int po_signal_installed(void);
+
+/* ---- stack.c: stack capture ----------------------------------------------------- */
+#define PO_FRAME_SYNTHETIC ((VALUE)Qfalse)  /* synthetic frames carry a kind in the line field */
+#define PO_LINE_GC (-1)
+#define PO_LINE_TRUNCATED (-2)
+/* HANDLER or GVL, the calling thread only, which must hold the GVL. Drops the `skip`
+ * leaf-most frames, keeps at most max_depth + 1 (the extra one a truncation marker);
+ * buffers hold max_depth + 1 + PO_MAX_SKIP. Returns the count. */
+int po_stack_capture(VALUE *frames, int *lines, int max_depth, int skip);
+
+/* ---- aggregate.c: (stack, labels) -> cpu ns, count, in bounded memory -------------- */
+typedef struct po_stack {
+    uint64_t hash;
+    uint32_t off;
+    uint32_t depth;
+    uint32_t slot; /* position in the hash index, to clear it without a rescan */
+} po_stack;
+
+typedef struct po_sample {
+    uint64_t cpu_ns;
+    uint64_t count;
+    po_labelset *labels; /* a reference held by this sample */
+    uint32_t stack;
+    uint32_t slot;
+} po_sample;
+
+typedef struct po_agg {
+    VALUE *frames;
+    int32_t *lines;
+    uint32_t frames_used, frames_cap;
+    po_stack *stacks;
+    uint32_t *stack_index; /* open addressing: stack number + 1, 0 = empty */
+    uint32_t stacks_used, stacks_cap, stack_index_mask;
+    po_sample *samples;
+    uint32_t *sample_index;
+    uint32_t samples_used, samples_cap, sample_index_mask;
+    uint64_t dropped_samples, dropped_cpu_ns;
+    uint64_t started_at_ns; /* CLOCK_REALTIME */
+} po_agg;
+
+int po_agg_init(po_agg *a, uint32_t max_samples); /* GVL; 0 or ENOMEM */
+void po_agg_free(po_agg *a);                      /* GVL, the agg must be empty */
+/* under po_lock (HANDLER or GVL); never allocates */
+void po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int depth,
+                   po_labelset *labels, uint64_t cpu_ns, uint64_t count);
+void po_agg_clear(po_agg *a);                  /* under po_lock */
+void po_agg_mark(const po_agg *a);             /* GC mark phase */
+
+/* ---- sampler.c: the state of the profiler and the two sampling paths --------------- */
+typedef struct po_config {
+    long interval_ns;
+    int max_depth;
+    uint32_t max_samples;
+} po_config;
+
+extern volatile int po_running;
+extern po_config po_cfg;
+extern po_agg *po_active;  /* the buffer the handler writes; swapped by po_take */
+
+void po_sample_from_handler(po_thread *t);
+/* GVL, the calling thread: account its CPU since the last sample to its current labels,
+ * with its current stack minus `skip` frames, then put `labels` in its slot. */
+void po_switch_labels(po_thread *t, po_labelset *labels, int skip);
+void po_sampler_register_current(void); /* GVL: give the calling thread a timer */
+int po_start(long interval_ns, int max_depth, uint32_t max_samples); /* GVL; 0 if running */
+int po_stop(void);                                                 /* GVL; 0 if stopped */
+void po_sampler_after_fork_child(void);
+po_agg *po_agg_buffers(void); /* both buffers, for marking */
+uint64_t po_realtime_ns(void);
+extern uint64_t po_stat_samples, po_stat_label_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
+    po_stat_timer_errors;
+extern int po_stat_last_timer_errno;
+
+/* ---- thread_events.c: per-Ruby-version thread lifecycle and GVL state --------------- */
+void po_thread_events_init(void);  /* at load */
+void po_thread_events_start(void); /* GVL, on start */
+void po_thread_events_stop(void);  /* GVL, on stop */
+int po_current_thread_holds_gvl(po_thread *t); /* HANDLER-safe */
+int po_mn_threads_enabled(void);
+
+/* ---- window.c ---------------------------------------------------------------------- */
+VALUE po_take_window(void); /* GVL */
+void po_windows_mark(void);
+
+void Init_pyroscope_otel(void);
+
+#endif

@@ -1,0 +1,217 @@
+/*
+ * sampler.c — the profiler's state, start/stop, and the two ways CPU time is recorded.
+ *
+ * 1. A timer sample (HANDLER, the thread whose CPU timer fired): if the thread holds the
+ *    GVL, its stack is walked and the CPU time it used since its previous sample is
+ *    charged to (stack, its current labels), with a count of 1. A thread without the GVL
+ *    (running C code that released it) is not walked (its VM state may be changing under
+ *    another thread's GC); its CPU time is not lost but carried into its next sample.
+ * 2. A label change (GVL, the thread itself): before the slot changes, the CPU time used
+ *    since the thread's previous sample is charged to the *old* labels at the current
+ *    stack, with a count of 0. This is what gives a span shorter than the sample interval
+ *    its CPU: without it, that time would land on whatever label comes next.
+ *
+ * Both paths update a thread's last_cpu_ns and the active buffer under po_lock, which the
+ * handler only tries: when taken, the sample is skipped and its CPU carried forward.
+ * Memory: two aggregation buffers (one being written, one being taken), allocated at
+ * start with the configured capacity and reused; the handler's stack buffer likewise.
+ */
+#include "pyroscope_otel.h"
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+volatile int po_running;
+po_config po_cfg = { 10000000L, 512, 65536 };
+po_agg *po_active;
+static po_agg bufs[2];
+static uint32_t bufs_cap;
+static VALUE *handler_frames, *gvl_frames;
+static int *handler_lines, *gvl_lines;
+static int buffers_depth;
+
+/* counters: written under po_lock, or with atomics where the handler cannot lock */
+uint64_t po_stat_samples, po_stat_label_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
+    po_stat_timer_errors;
+int po_stat_last_timer_errno;
+
+po_agg *po_agg_buffers(void)
+{
+    return bufs;
+}
+
+void po_sample_from_handler(po_thread *t)
+{
+    if (!po_current_thread_holds_gvl(t)) {
+        __atomic_add_fetch(&po_stat_skipped_off_gvl, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    if (!po_trylock()) {
+        __atomic_add_fetch(&po_stat_skipped_busy, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    if (po_running && po_active) {
+        uint64_t now = po_thread_cpu_ns(t->tid);
+        if (now > t->last_cpu_ns) {
+            int n = po_stack_capture(handler_frames, handler_lines, po_cfg.max_depth, 0);
+            if (n > 0) {
+                po_agg_record(po_active, handler_frames, handler_lines, n, t->labels, now - t->last_cpu_ns, 1);
+                t->last_cpu_ns = now;
+                po_stat_samples++;
+            }
+        }
+    }
+    po_unlock();
+}
+
+void po_switch_labels(po_thread *t, po_labelset *labels, int skip)
+{
+    int n = 0;
+    /* The walk runs before taking the lock: it only reads this thread's own frames. */
+    if (po_running && t->has_timer && t->tid == po_gettid())
+        n = po_stack_capture(gvl_frames, gvl_lines, po_cfg.max_depth, skip);
+    po_lock();
+    if (n > 0 && po_running && t->has_timer && po_active) {
+        uint64_t now = po_thread_cpu_ns(t->tid);
+        if (now > t->last_cpu_ns) {
+            po_agg_record(po_active, gvl_frames, gvl_lines, n, t->labels, now - t->last_cpu_ns, 0);
+            t->last_cpu_ns = now;
+            po_stat_label_flushes++;
+        }
+    }
+    po_labelset *old = t->labels;
+    t->labels = labels;
+    t->label_changes++;
+    po_labelset_unref(old);
+    po_unlock();
+}
+
+/* Under po_lock. */
+static void register_locked(po_thread *t, int holds_gvl)
+{
+    if (!po_running || t->has_timer) return;
+    t->last_cpu_ns = po_thread_cpu_ns(t->tid);
+    t->holds_gvl = holds_gvl;
+    int err = po_timer_arm(t, (int)(t - po_threads), po_cfg.interval_ns);
+    if (err) {
+        po_stat_timer_errors++;
+        po_stat_last_timer_errno = err;
+    }
+}
+
+void po_sampler_register_current(void)
+{
+    po_thread *t = po_thread_current(1);
+    if (!t) return;
+    po_lock();
+    register_locked(t, 1);
+    po_unlock();
+}
+
+static void register_tid(pid_t tid)
+{
+    po_thread *t = po_thread_by_tid(tid, 1);
+    if (!t) return;
+    po_lock();
+    register_locked(t, 0);
+    po_unlock();
+}
+
+static void free_buffers(void)
+{
+    po_lock();
+    po_agg_clear(&bufs[0]);
+    po_agg_clear(&bufs[1]);
+    po_unlock();
+    po_agg_free(&bufs[0]);
+    po_agg_free(&bufs[1]);
+    free(handler_frames); free(handler_lines); free(gvl_frames); free(gvl_lines);
+    handler_frames = gvl_frames = NULL;
+    handler_lines = gvl_lines = NULL;
+    bufs_cap = 0;
+    buffers_depth = 0;
+}
+
+/* GVL, not running: no handler and no label change can reach the buffers. Keeps the
+ * samples of a previous run when the sizes did not change, so stop/start loses nothing. */
+static void ensure_buffers(uint32_t max_samples, int max_depth)
+{
+    if (bufs_cap == max_samples && buffers_depth == max_depth) return;
+    free_buffers();
+    size_t n = (size_t)max_depth + 1 + PO_MAX_SKIP;
+    handler_frames = malloc(n * sizeof(VALUE));
+    gvl_frames = malloc(n * sizeof(VALUE));
+    handler_lines = malloc(n * sizeof(int));
+    gvl_lines = malloc(n * sizeof(int));
+    if (!handler_frames || !gvl_frames || !handler_lines || !gvl_lines ||
+        po_agg_init(&bufs[0], max_samples) || po_agg_init(&bufs[1], max_samples)) {
+        free_buffers();
+        rb_raise(rb_eNoMemError, "pyroscope: cannot allocate sample buffers for max_samples=%u", max_samples);
+    }
+    bufs_cap = max_samples;
+    buffers_depth = max_depth;
+    po_active = &bufs[0];
+    po_active->started_at_ns = po_realtime_ns();
+}
+
+static VALUE register_each_thread(RB_BLOCK_CALL_FUNC_ARGLIST(thread, arg))
+{
+    (void)arg;
+    if (thread == rb_thread_current()) {
+        po_sampler_register_current();
+    } else {
+        VALUE tid = rb_funcall(thread, rb_intern("native_thread_id"), 0);
+        if (!NIL_P(tid)) register_tid((pid_t)NUM2INT(tid));
+    }
+    return Qnil;
+}
+
+int po_start(long interval_ns, int max_depth, uint32_t max_samples)
+{
+    if (po_running) return 0;
+    if (po_mn_threads_enabled()) {
+        rb_warn("pyroscope: not sampling: M:N threads (RUBY_MN_THREADS=1) share native threads between "
+                "Ruby threads, so per-thread CPU timers cannot attribute CPU time; unset RUBY_MN_THREADS");
+        return 0;
+    }
+    po_signal_install();
+    ensure_buffers(max_samples, max_depth);
+    po_cfg.interval_ns = interval_ns;
+    po_cfg.max_depth = max_depth;
+    po_cfg.max_samples = max_samples;
+    __atomic_store_n(&po_running, 1, __ATOMIC_SEQ_CST);
+    po_thread_events_start();
+    VALUE list = rb_funcall(rb_cThread, rb_intern("list"), 0);
+    rb_block_call(list, rb_intern("each"), 0, NULL, register_each_thread, Qnil);
+    return 1;
+}
+
+int po_stop(void)
+{
+    if (!po_running) return 0;
+    __atomic_store_n(&po_running, 0, __ATOMIC_SEQ_CST);
+    po_thread_events_stop();
+    po_lock();
+    for (int i = 0; i < PO_MAX_THREADS; i++)
+        if (po_threads[i].has_timer) po_timer_disarm(&po_threads[i]);
+    po_unlock();
+    return 1;
+}
+
+/* The child of fork: the parent's window is the parent's to send, and no timer survives. */
+void po_sampler_after_fork_child(void)
+{
+    po_lock_reset_after_fork();
+    po_running = 0;
+    po_agg_clear(&bufs[0]);
+    po_agg_clear(&bufs[1]);
+    po_threads_after_fork_child();
+    if (po_active) po_active->started_at_ns = po_realtime_ns();
+}
+
+uint64_t po_realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}

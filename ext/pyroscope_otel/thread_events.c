@@ -1,0 +1,139 @@
+/*
+ * thread_events.c — learning when threads start, exit, take and release the GVL.
+ * The one file with per-Ruby-version paths (chosen by extconf's have_func, not by version):
+ *
+ * Ruby >= 3.2 (rb_internal_thread_add_event_hook):
+ *   RESUMED   (GVL held, on the thread): marks the thread as holding the GVL and, the first
+ *             time a thread runs while profiling, gives it its CPU timer.
+ *   SUSPENDED (on the thread, just before it releases the GVL; may repeat on 3.2): marks it
+ *             as not holding the GVL, so its samples are carried, not walked.
+ *   EXITED    (NOGVL, on the exiting thread): deletes its timer and frees its entry. This
+ *             hook stays installed while stopped so that label slots never outlive threads.
+ *   The hooks run on every GVL hand-over, so they do a thread-local read and a store.
+ *
+ * Ruby 3.1 (fallback): no thread event API. New threads are registered by a C-level
+ * TracePoint on :thread_begin (GVL, on the new thread), exits seen by one on :thread_end.
+ * Whether a signalled thread holds the GVL is asked of the VM (ruby_thread_has_gvl_p,
+ * exported but not in the public headers; it reads thread-local state, so it is safe in
+ * the handler). Known bias: the VM reports a thread as holding the GVL until the very
+ * moment it releases it for a blocking region, and only blocking regions count: a thread
+ * that is between giving up the GVL on a time-slice switch and getting it back still
+ * reads as holding it. Such a thread uses almost no CPU, so its timer rarely fires then;
+ * when it does, the sample is attributed to its last Ruby frame rather than carried.
+ *
+ * Threads that already exist at start are registered by start itself (Thread.list and
+ * their native thread ids), on every version.
+ *
+ * M:N threads (Ruby >= 3.3 with RUBY_MN_THREADS=1) break "one Ruby thread, one native
+ * thread, one CPU clock": sampling is refused with a warning (sampler.c).
+ */
+#include "pyroscope_otel.h"
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef HAVE_RB_INTERNAL_THREAD_ADD_EVENT_HOOK
+#include <ruby/thread.h>
+
+static rb_internal_thread_event_hook_t *gvl_hook, *exit_hook;
+
+static void on_gvl_event(rb_event_flag_t event, const rb_internal_thread_event_data_t *data, void *arg)
+{
+    (void)data;
+    (void)arg;
+    if (event == RUBY_INTERNAL_THREAD_EVENT_RESUMED) {
+        po_thread *t = po_thread_current(0);
+        if (t && t->has_timer) t->holds_gvl = 1;
+        else if (po_running) po_sampler_register_current();
+    } else {
+        po_thread *t = po_thread_current(0);
+        if (t) t->holds_gvl = 0;
+    }
+}
+
+static void on_exit_event(rb_event_flag_t event, const rb_internal_thread_event_data_t *data, void *arg)
+{
+    (void)event;
+    (void)data;
+    (void)arg;
+    po_thread_forget_current();
+}
+
+void po_thread_events_init(void)
+{
+    exit_hook = rb_internal_thread_add_event_hook(on_exit_event, RUBY_INTERNAL_THREAD_EVENT_EXITED, NULL);
+}
+
+void po_thread_events_start(void)
+{
+    if (!gvl_hook)
+        gvl_hook = rb_internal_thread_add_event_hook(
+            on_gvl_event, RUBY_INTERNAL_THREAD_EVENT_RESUMED | RUBY_INTERNAL_THREAD_EVENT_SUSPENDED, NULL);
+}
+
+void po_thread_events_stop(void)
+{
+    if (gvl_hook) rb_internal_thread_remove_event_hook(gvl_hook);
+    gvl_hook = NULL;
+}
+
+int po_current_thread_holds_gvl(po_thread *t)
+{
+    return t->holds_gvl;
+}
+
+#else /* Ruby 3.1 */
+
+int ruby_thread_has_gvl_p(void); /* exported by libruby, declared only in internal headers */
+
+static VALUE begin_tp, end_tp;
+
+static void on_thread_begin(VALUE tp, void *arg)
+{
+    (void)tp;
+    (void)arg;
+    po_sampler_register_current();
+}
+
+static void on_thread_end(VALUE tp, void *arg)
+{
+    (void)tp;
+    (void)arg;
+    po_thread_forget_current();
+}
+
+void po_thread_events_init(void)
+{
+    begin_tp = rb_tracepoint_new(0, RUBY_EVENT_THREAD_BEGIN, on_thread_begin, NULL);
+    end_tp = rb_tracepoint_new(0, RUBY_EVENT_THREAD_END, on_thread_end, NULL);
+    rb_gc_register_mark_object(begin_tp);
+    rb_gc_register_mark_object(end_tp);
+    rb_tracepoint_enable(end_tp);
+}
+
+void po_thread_events_start(void)
+{
+    rb_tracepoint_enable(begin_tp);
+}
+
+void po_thread_events_stop(void)
+{
+    rb_tracepoint_disable(begin_tp);
+}
+
+int po_current_thread_holds_gvl(po_thread *t)
+{
+    (void)t;
+    return ruby_thread_has_gvl_p();
+}
+
+#endif
+
+int po_mn_threads_enabled(void)
+{
+#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE /* Ruby >= 3.3, which has M:N threads */
+    const char *v = getenv("RUBY_MN_THREADS");
+    return v && strcmp(v, "1") == 0;
+#else
+    return 0;
+#endif
+}

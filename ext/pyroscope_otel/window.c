@@ -1,0 +1,148 @@
+/*
+ * window.c — taking a window: everything aggregated since the last take, as plain Ruby
+ * data, while sampling goes on into the other buffer.
+ *
+ * GVL. The swap of the active buffer is the only step under po_lock; turning frames into
+ * strings (rb_profile_frame_*, which allocate and so may run the GC or raise) happens
+ * after it on the taken buffer, which no handler writes. The taken buffer stays marked
+ * (its frames pinned) until it is cleared at the end, also when the conversion raises
+ * (rb_ensure). One take at a time: a second concurrent take gets an empty window.
+ *
+ * Result: { samples: [[frames, labels, cpu_ns, count], ...], dropped_samples:,
+ *           dropped_cpu_ns:, started_at_ns:, ended_at_ns: }
+ * frames is leaf first, each [name, file, line] (line 0 where there is none); a stack is
+ * one frozen Array shared by all the samples that have it.
+ */
+#include "pyroscope_otel.h"
+#include <ruby/st.h>
+
+static int taking;
+
+struct take {
+    po_agg *agg;
+    st_table *frame_cache; /* frame VALUE -> index in frame_objs */
+    st_table *label_cache; /* po_labelset* -> index in label_objs */
+    VALUE frame_objs, label_objs, stack_objs, result;
+};
+
+static VALUE frame_name(VALUE frame, int line)
+{
+    if (frame == PO_FRAME_SYNTHETIC) return rb_str_new_cstr(line == PO_LINE_GC ? "(garbage collection)" : "(truncated)");
+    VALUE name = rb_profile_frame_full_label(frame);
+    return NIL_P(name) ? rb_str_new_cstr("(unknown)") : name;
+}
+
+/* name and file of a frame: a frozen pair per distinct frame, shared by its lines */
+static VALUE frame_info(struct take *tk, VALUE frame, int line)
+{
+    st_data_t idx;
+    if (frame != PO_FRAME_SYNTHETIC && st_lookup(tk->frame_cache, (st_data_t)frame, &idx))
+        return RARRAY_AREF(tk->frame_objs, (long)idx);
+    VALUE file = frame == PO_FRAME_SYNTHETIC ? Qnil : rb_profile_frame_path(frame);
+    VALUE info = rb_ary_new_from_args(2, frame_name(frame, line), NIL_P(file) ? rb_str_new_cstr("") : file);
+    OBJ_FREEZE(info);
+    if (frame != PO_FRAME_SYNTHETIC) st_insert(tk->frame_cache, (st_data_t)frame, (st_data_t)RARRAY_LEN(tk->frame_objs));
+    rb_ary_push(tk->frame_objs, info);
+    return info;
+}
+
+static VALUE frame_obj(struct take *tk, VALUE frame, int line)
+{
+    VALUE info = frame_info(tk, frame, line);
+    VALUE obj = rb_ary_new_from_args(3, RARRAY_AREF(info, 0), RARRAY_AREF(info, 1), INT2NUM(line < 0 ? 0 : line));
+    OBJ_FREEZE(obj);
+    return obj;
+}
+
+static VALUE labels_obj(struct take *tk, po_labelset *ls)
+{
+    st_data_t idx;
+    if (st_lookup(tk->label_cache, (st_data_t)ls, &idx)) return RARRAY_AREF(tk->label_objs, (long)idx);
+    VALUE h = po_labelset_to_hash(ls);
+    OBJ_FREEZE(h);
+    st_insert(tk->label_cache, (st_data_t)ls, (st_data_t)RARRAY_LEN(tk->label_objs));
+    rb_ary_push(tk->label_objs, h);
+    return h;
+}
+
+static VALUE convert(VALUE arg)
+{
+    struct take *tk = (struct take *)arg;
+    po_agg *a = tk->agg;
+    tk->stack_objs = rb_ary_new_capa(a->stacks_used);
+    for (uint32_t i = 0; i < a->stacks_used; i++) {
+        po_stack *s = &a->stacks[i];
+        VALUE frames = rb_ary_new_capa(s->depth);
+        for (uint32_t j = 0; j < s->depth; j++)
+            rb_ary_push(frames, frame_obj(tk, a->frames[s->off + j], a->lines[s->off + j]));
+        OBJ_FREEZE(frames);
+        rb_ary_push(tk->stack_objs, frames);
+    }
+    VALUE samples = rb_ary_new_capa(a->samples_used);
+    for (uint32_t i = 0; i < a->samples_used; i++) {
+        po_sample *s = &a->samples[i];
+        rb_ary_push(samples, rb_ary_new_from_args(4, RARRAY_AREF(tk->stack_objs, s->stack), labels_obj(tk, s->labels),
+                                                  ULL2NUM(s->cpu_ns), ULL2NUM(s->count)));
+    }
+    VALUE r = tk->result;
+    rb_hash_aset(r, ID2SYM(rb_intern("samples")), samples);
+    rb_hash_aset(r, ID2SYM(rb_intern("dropped_samples")), ULL2NUM(a->dropped_samples));
+    rb_hash_aset(r, ID2SYM(rb_intern("dropped_cpu_ns")), ULL2NUM(a->dropped_cpu_ns));
+    return r;
+}
+
+static VALUE finish(VALUE arg)
+{
+    struct take *tk = (struct take *)arg;
+    st_free_table(tk->frame_cache);
+    st_free_table(tk->label_cache);
+    po_lock();
+    po_agg_clear(tk->agg);
+    po_unlock();
+    taking = 0;
+    return Qnil;
+}
+
+VALUE po_take_window(void)
+{
+    VALUE result = rb_hash_new();
+    po_agg *bufs = po_agg_buffers();
+    if (taking || !po_active) {
+        rb_hash_aset(result, ID2SYM(rb_intern("samples")), rb_ary_new());
+        rb_hash_aset(result, ID2SYM(rb_intern("dropped_samples")), INT2FIX(0));
+        rb_hash_aset(result, ID2SYM(rb_intern("dropped_cpu_ns")), INT2FIX(0));
+        uint64_t now = po_realtime_ns();
+        rb_hash_aset(result, ID2SYM(rb_intern("started_at_ns")), ULL2NUM(now));
+        rb_hash_aset(result, ID2SYM(rb_intern("ended_at_ns")), ULL2NUM(now));
+        return result;
+    }
+    struct take tk = { 0 };
+    tk.result = result;
+    tk.frame_objs = rb_ary_new();
+    tk.label_objs = rb_ary_new();
+    taking = 1;
+    po_lock();
+    tk.agg = po_active;
+    po_active = tk.agg == &bufs[0] ? &bufs[1] : &bufs[0];
+    uint64_t now = po_realtime_ns();
+    po_active->started_at_ns = now;
+    po_unlock();
+    rb_hash_aset(result, ID2SYM(rb_intern("started_at_ns")), ULL2NUM(tk.agg->started_at_ns));
+    rb_hash_aset(result, ID2SYM(rb_intern("ended_at_ns")), ULL2NUM(now));
+    tk.frame_cache = st_init_numtable();
+    tk.label_cache = st_init_numtable();
+    rb_ensure(convert, (VALUE)&tk, finish, (VALUE)&tk);
+    RB_GC_GUARD(tk.frame_objs);
+    RB_GC_GUARD(tk.label_objs);
+    RB_GC_GUARD(tk.stack_objs);
+    return result;
+}
+
+void po_windows_mark(void)
+{
+    po_agg *bufs = po_agg_buffers();
+    po_lock();
+    po_agg_mark(&bufs[0]);
+    po_agg_mark(&bufs[1]);
+    po_unlock();
+}

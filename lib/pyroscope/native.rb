@@ -1,0 +1,37 @@
+# frozen_string_literal: true
+
+require_relative "pyroscope_otel"
+
+module Pyroscope
+  # The C extension's binding: the CPU sampler, the per-thread label slot and the window
+  # of aggregated samples. The rest of the gem is built on these few calls.
+  module Native
+    DEFAULT_SAMPLE_RATE = 100
+    DEFAULT_MAX_DEPTH = 512
+    DEFAULT_MAX_SAMPLES = 65_536
+
+    class << self
+      # Starts sampling every Ruby thread on its own CPU time. Returns false when already
+      # running (or refused under M:N threads, with a warning), true when started.
+      #   sample_rate: samples per CPU second of each thread, 1..1000
+      #   max_depth:   frames kept per stack, deeper stacks end in a "(truncated)" frame
+      #   max_samples: distinct (stack, labels) pairs per window; past it samples are
+      #                dropped and counted (stats[:window_dropped_samples])
+      def start(sample_rate: DEFAULT_SAMPLE_RATE, max_depth: DEFAULT_MAX_DEPTH, max_samples: DEFAULT_MAX_SAMPLES)
+        _start(integer(:sample_rate, sample_rate), integer(:max_depth, max_depth), integer(:max_samples, max_samples))
+      end
+
+      def clear_labels
+        set_labels(nil, 1)
+      end
+
+      private
+
+      def integer(name, value)
+        return value if value.is_a?(Integer)
+
+        raise ArgumentError, "#{name} must be an Integer, got #{value.inspect} (#{value.class})"
+      end
+    end
+  end
+end
