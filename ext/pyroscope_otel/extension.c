@@ -156,7 +156,9 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
     VALUE mPyroscope = rb_define_module("Pyroscope");
     mNative = rb_define_module_under(mPyroscope, "Native");
 
-    VALUE roots = TypedData_Wrap_Struct(rb_cObject, &roots_type, NULL);
+    /* The GC calls dmark only for a non-NULL data pointer; any address will do. */
+    static int roots_data;
+    VALUE roots = TypedData_Wrap_Struct(rb_cObject, &roots_type, &roots_data);
     rb_gc_register_mark_object(roots);
 
     po_thread_events_init();

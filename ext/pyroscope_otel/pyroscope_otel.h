@@ -65,6 +65,8 @@ typedef struct po_thread {
     timer_t timer;
     uint64_t last_cpu_ns;   /* CPU time already accounted; under po_lock */
     po_labelset *labels;    /* the label slot; under po_lock */
+    long interval_ns;       /* mean sampling interval of its timer */
+    uint64_t rng;           /* jitter state, touched only by the thread's own handler */
     uint64_t label_changes;
 } po_thread;
 
@@ -85,6 +87,7 @@ extern uint64_t po_threads_refused; /* slots exhausted */
 /* ---- timer.c: one POSIX CPU-time timer per thread ------------------------------ */
 int po_timer_arm(po_thread *t, int slot, long interval_ns); /* 0 or errno */
 void po_timer_disarm(po_thread *t);
+int po_timer_rejitter(po_thread *t); /* HANDLER: next expiry in 0.5..1.5 intervals */
 
 /* ---- signal.c -------------------------------------------------------------------- */
 void po_signal_install(void); /* GVL; raises when another profiler owns SIGPROF */

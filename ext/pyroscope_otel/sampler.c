@@ -51,6 +51,7 @@ void po_sample_from_handler(po_thread *t)
         return;
     }
     if (po_running && po_active) {
+        if (t->has_timer) po_timer_rejitter(t); /* under po_lock: the timer cannot be deleted meanwhile */
         uint64_t now = po_thread_cpu_ns(t->tid);
         if (now > t->last_cpu_ns) {
             int n = po_stack_capture(handler_frames, handler_lines, po_cfg.max_depth, 0);

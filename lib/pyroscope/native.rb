@@ -1,6 +1,9 @@
 # frozen_string_literal: true
 
-require_relative "pyroscope_otel"
+# A checkout's build lives in a directory per Ruby ABI (see Rakefile); an installed gem's
+# beside this file.
+checkout_build = File.join(__dir__, RbConfig::CONFIG["ruby_version"], "pyroscope_otel.#{RbConfig::CONFIG["DLEXT"]}")
+File.exist?(checkout_build) ? require(checkout_build) : require_relative("pyroscope_otel")
 
 module Pyroscope
   # The C extension's binding: the CPU sampler, the per-thread label slot and the window

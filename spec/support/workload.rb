@@ -1,0 +1,15 @@
+# frozen_string_literal: true
+
+# Named methods with known CPU costs, so that tests can find them on sampled stacks.
+class Workload
+  include ProfileHelpers
+
+  def heavy(seconds) = burn(seconds)
+  def light(seconds) = burn(seconds)
+  def worker_one(seconds) = burn(seconds)
+  def worker_two(seconds) = burn(seconds)
+
+  def recurse(depth, seconds)
+    depth.zero? ? burn(seconds) : recurse(depth - 1, seconds)
+  end
+end
