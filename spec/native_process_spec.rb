@@ -1,0 +1,80 @@
+# frozen_string_literal: true
+
+# Behaviour that needs a process of its own: signal ownership, M:N threads, fork.
+RSpec.describe "Pyroscope::Native in its process" do
+  it "refuses to start, clearly, when another profiler owns SIGPROF" do
+    out, err, status = run_ruby(<<~RUBY)
+      require "pyroscope"
+      trap("PROF") { }
+      begin
+        Pyroscope::Native.start
+      rescue RuntimeError => e
+        puts e.message
+      end
+      puts Pyroscope::Native.running?
+    RUBY
+    expect(status).to be_success, err
+    expect(out).to include("another profiler", "SIGPROF")
+    expect(out.lines.last.strip).to eq("false")
+  end
+
+  it "never lets a pending SIGPROF kill the process after stop" do
+    out, err, status = run_ruby(<<~RUBY)
+      require "pyroscope"
+      Pyroscope::Native.start(sample_rate: 1000)
+      x = 0
+      200_000.times { x += 1 }
+      Pyroscope::Native.stop
+      5.times { Process.kill(:PROF, Process.pid) }
+      sleep 0.05
+      puts "alive"
+    RUBY
+    expect(status).to be_success, err
+    expect(out).to eq("alive\n")
+  end
+
+  it "refuses to sample under M:N threads with a warning, where Ruby has them" do
+    out, err, status = run_ruby(<<~RUBY, env: { "RUBY_MN_THREADS" => "1" })
+      require "pyroscope"
+      p Pyroscope::Native.start
+      Pyroscope::Native.set_labels({ "still" => "works" })
+      p Pyroscope::Native.labels
+    RUBY
+    expect(status).to be_success, err
+    mn_ruby = Gem::Version.new(RUBY_VERSION) >= Gem::Version.new("3.3")
+    expect(out.lines.first.strip).to eq(mn_ruby ? "false" : "true")
+    expect(err).to(mn_ruby ? include("M:N threads") : be_empty)
+    expect(out.lines.last).to include('"still"=>"works"').or include('"still" => "works"')
+  end
+
+  it "leaves a forked child stopped, with the forking thread's labels and an empty window" do
+    native = Pyroscope::Native
+    native.start
+    native.set_labels({ "span" => "parent" })
+    Workload.new.heavy(0.05)
+    reader, writer = IO.pipe
+    pid = fork do
+      reader.close
+      state = { running: native.running?, labels: native.labels, samples: native.take_window[:samples].size }
+      native.start
+      Workload.new.heavy(0.05)
+      native.stop
+      state[:child_samples] = native.take_window[:samples].count { |_, l, *| l["span"] == "parent" }
+      writer.write(Marshal.dump(state))
+      writer.close
+      exit!(0)
+    end
+    writer.close
+    child = Marshal.load(reader.read)
+    Process.wait(pid)
+    expect($?).to be_success
+    expect(child).to include(running: false, labels: { "span" => "parent" }, samples: 0)
+    expect(child[:child_samples]).to be > 0
+    expect(native).to be_running
+    Workload.new.heavy(0.05)
+    native.stop
+    expect(cpu_by(take_samples) { |_, l| l["span"] }["parent"]).to be > 50_000_000
+  ensure
+    reader&.close
+  end
+end
