@@ -131,7 +131,7 @@ RSpec.describe "Pyroscope::Native sampler" do
     native.start(sample_rate: 1000)
     obj = klass.new
     50.times do |i|
-      obj.public_send("m#{i}", 0.004)
+      obj.public_send("m#{i}", 0.01)
       Array.new(2000) { "garbage #{i}" }
       GC.compact if (i % 10).zero?
     end
@@ -146,7 +146,7 @@ RSpec.describe "Pyroscope::Native sampler" do
     end
     names = take_samples.flat_map { |frames, *| frame_names(frames) }.uniq
     victims = names.grep(/#m\d+\z/)
-    expect(victims.size).to be >= 30
+    expect(victims.size).to be >= 40
     expect(victims).to all(match(/\ACompactionVictim#m\d+\z|#<Class:0x\h+>#m\d+\z/))
   ensure
     GC.auto_compact = false
