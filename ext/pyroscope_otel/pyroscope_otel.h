@@ -161,7 +161,7 @@ int po_stop(void);                                                 /* GVL; 0 if 
 void po_sampler_after_fork_child(void);
 po_agg *po_agg_buffers(void); /* both buffers, for marking */
 uint64_t po_realtime_ns(void);
-extern uint64_t po_stat_samples, po_stat_label_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
+extern uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
     po_stat_timer_errors;
 extern int po_stat_last_timer_errno;
 

@@ -31,7 +31,7 @@ static int *handler_lines, *gvl_lines;
 static int buffers_depth;
 
 /* counters: written under po_lock, or with atomics where the handler cannot lock */
-uint64_t po_stat_samples, po_stat_label_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
+uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
     po_stat_timer_errors;
 int po_stat_last_timer_errno;
 
@@ -57,8 +57,11 @@ void po_sample_from_handler(po_thread *t)
             int n = po_stack_capture(handler_frames, handler_lines, po_cfg.max_depth, 0);
             if (n > 0) {
                 po_agg_record(po_active, handler_frames, handler_lines, n, t->labels, now - t->last_cpu_ns, 1);
-                t->last_cpu_ns = now;
                 po_stat_samples++;
+                /* the walk and the aggregation, on this thread's clock: the profiler's own
+                 * cost, measured where it is spent; charged to the next sample, like any CPU */
+                t->last_cpu_ns = now;
+                po_stat_sampling_ns += po_thread_cpu_ns(t->tid) - now;
             }
         }
     }
