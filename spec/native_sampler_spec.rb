@@ -90,6 +90,35 @@ RSpec.describe "Pyroscope::Native sampler" do
     expect(measured.keys.count { |span| cpu[span].positive? }).to be >= 190
   end
 
+  it "charges the tail of a sampled span to the span's own sampled stacks, not to where it ends" do
+    native.start(sample_rate: 100)
+    20.times do |i|
+      native.set_labels({ "span" => i.to_s })
+      work.heavy(0.03)
+      native.clear_labels
+    end
+    native.stop
+    labelled = take_samples.reject { |_, labels, *| labels.empty? }
+    in_heavy = cpu_by(labelled) { |frames, _| on_stack?(frames, "heavy") }
+    expect(in_heavy[true].to_f / (in_heavy[true] + in_heavy[false])).to be > 0.97
+  end
+
+  it "charges a span that got no timer sample at the stack where its labels changed" do
+    native.start(sample_rate: 10)
+    native.set_labels({ "span" => "short" })
+    work.light(0.002)
+    native.clear_labels
+    native.stop
+    short = take_samples.select { |_, labels, *| labels["span"] == "short" }
+    expect(short.size).to eq(1)
+    frames, _, cpu_ns, count = short.first
+    expect(cpu_ns).to be >= 2_000_000
+    expect(count).to eq(0) # a boundary charge, not a timer sample
+    # the binding's own frames (set_labels, clear_labels) are skipped: the leaf is the caller
+    expect(frame_names(frames).first).to match(/block \(\d levels\) in <top \(required\)>/)
+    expect(frames.first[1]).to end_with("native_sampler_spec.rb")
+  end
+
   it "can be started and stopped repeatedly, and samples only while started" do
     expect(native.stop).to be(false)
     5.times do

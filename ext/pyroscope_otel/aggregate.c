@@ -107,8 +107,8 @@ static uint32_t intern_stack(po_agg *a, const VALUE *frames, const int *lines, i
     return n;
 }
 
-void po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int depth,
-                   po_labelset *labels, uint64_t cpu_ns, uint64_t count)
+uint32_t po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int depth,
+                       po_labelset *labels, uint64_t cpu_ns, uint64_t count)
 {
     uint32_t stack = intern_stack(a, frames, lines, depth);
     if (stack == UINT32_MAX) goto drop;
@@ -121,7 +121,7 @@ void po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int depth,
         if (s->stack == stack && s->labels == labels) {
             s->cpu_ns += cpu_ns;
             s->count += count;
-            return;
+            return e - 1;
         }
         pos = (pos + 1) & a->sample_index_mask;
     }
@@ -135,10 +135,11 @@ void po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int depth,
     s->slot = pos;
     po_labelset_ref(labels);
     a->sample_index[pos] = n + 1;
-    return;
+    return n;
 drop:
     a->dropped_samples += count ? count : 1;
     a->dropped_cpu_ns += cpu_ns;
+    return UINT32_MAX;
 }
 
 void po_agg_clear(po_agg *a)
@@ -150,6 +151,7 @@ void po_agg_clear(po_agg *a)
     for (uint32_t i = 0; i < a->stacks_used; i++) a->stack_index[a->stacks[i].slot] = 0;
     a->samples_used = a->stacks_used = a->frames_used = 0;
     a->dropped_samples = a->dropped_cpu_ns = 0;
+    a->generation++;
 }
 
 void po_agg_mark(const po_agg *a)

@@ -122,7 +122,8 @@ static VALUE native_stats(VALUE self)
     VALUE h = rb_hash_new();
     po_lock();
     size_t threads = po_threads_in_use(), label_sets = po_labelset_live_count();
-    uint64_t samples = po_stat_samples, sampling_ns = po_stat_sampling_ns, flushes = po_stat_label_flushes, terr = po_stat_timer_errors;
+    uint64_t samples = po_stat_samples, sampling_ns = po_stat_sampling_ns, flushes = po_stat_label_flushes,
+             boundary = po_stat_boundary_flushes, terr = po_stat_timer_errors;
     uint64_t refused = po_threads_refused;
     uint64_t dropped = po_active ? po_active->dropped_samples : 0;
     uint64_t dropped_ns = po_active ? po_active->dropped_cpu_ns : 0;
@@ -132,6 +133,7 @@ static VALUE native_stats(VALUE self)
     SET("samples", ULL2NUM(samples));
     SET("sampling_cpu_ns", ULL2NUM(sampling_ns));
     SET("label_flushes", ULL2NUM(flushes));
+    SET("boundary_flushes", ULL2NUM(boundary));
     SET("skipped_busy", ULL2NUM(__atomic_load_n(&po_stat_skipped_busy, __ATOMIC_RELAXED)));
     SET("skipped_off_gvl", ULL2NUM(__atomic_load_n(&po_stat_skipped_off_gvl, __ATOMIC_RELAXED)));
     SET("timer_errors", ULL2NUM(terr));

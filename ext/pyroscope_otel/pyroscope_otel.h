@@ -68,6 +68,11 @@ typedef struct po_thread {
     long interval_ns;       /* mean sampling interval of its timer */
     uint64_t rng;           /* jitter state, touched only by the thread's own handler */
     uint64_t label_changes;
+    /* the sample this thread last charged under its current labels, in buffer last_agg
+     * at generation last_gen; NULL when none since the labels changed. Under po_lock. */
+    struct po_agg *last_agg;
+    uint64_t last_gen;
+    uint32_t last_sample;
 } po_thread;
 
 extern po_thread po_threads[PO_MAX_THREADS];
@@ -130,13 +135,15 @@ typedef struct po_agg {
     uint32_t samples_used, samples_cap, sample_index_mask;
     uint64_t dropped_samples, dropped_cpu_ns;
     uint64_t started_at_ns; /* CLOCK_REALTIME */
+    uint64_t generation;    /* bumped by every clear: sample numbers of older ones are void */
 } po_agg;
 
 int po_agg_init(po_agg *a, uint32_t max_samples); /* GVL; 0 or ENOMEM */
 void po_agg_free(po_agg *a);                      /* GVL, the agg must be empty */
-/* under po_lock (HANDLER or GVL); never allocates */
-void po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int depth,
-                   po_labelset *labels, uint64_t cpu_ns, uint64_t count);
+/* under po_lock (HANDLER or GVL); never allocates. Returns the sample's number, or
+ * UINT32_MAX when it was dropped. */
+uint32_t po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int depth,
+                       po_labelset *labels, uint64_t cpu_ns, uint64_t count);
 void po_agg_clear(po_agg *a);                  /* under po_lock */
 void po_agg_mark(const po_agg *a);             /* GC mark phase */
 
@@ -161,7 +168,7 @@ int po_stop(void);                                                 /* GVL; 0 if 
 void po_sampler_after_fork_child(void);
 po_agg *po_agg_buffers(void); /* both buffers, for marking */
 uint64_t po_realtime_ns(void);
-extern uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
+extern uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
     po_stat_timer_errors;
 extern int po_stat_last_timer_errno;
 

@@ -7,9 +7,14 @@
  *    (running C code that released it) is not walked (its VM state may be changing under
  *    another thread's GC); its CPU time is not lost but carried into its next sample.
  * 2. A label change (GVL, the thread itself): before the slot changes, the CPU time used
- *    since the thread's previous sample is charged to the *old* labels at the current
- *    stack, with a count of 0. This is what gives a span shorter than the sample interval
- *    its CPU: without it, that time would land on whatever label comes next.
+ *    since the thread's previous sample is charged to the *old* labels, with a count of 0.
+ *    This is what gives a span shorter than the sample interval its CPU: without it, that
+ *    time would land on whatever label comes next. Which stack gets it: when the old labels
+ *    already had a timer sample, that sample's stack (a random sample of the span's own
+ *    code); only a span that got no timer sample at all is charged at the stack where its
+ *    labels change, the one stack of it we have. Charging every tail at the change site
+ *    instead was measured to put ~50% of the CPU of 10 ms spans, and ~95% of 1.5 ms
+ *    spans, on that one site.
  *
  * Both paths update a thread's last_cpu_ns and the active buffer under po_lock, which the
  * handler only tries: when taken, the sample is skipped and its CPU carried forward.
@@ -31,7 +36,7 @@ static int *handler_lines, *gvl_lines;
 static int buffers_depth;
 
 /* counters: written under po_lock, or with atomics where the handler cannot lock */
-uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
+uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
     po_stat_timer_errors;
 int po_stat_last_timer_errno;
 
@@ -56,7 +61,11 @@ void po_sample_from_handler(po_thread *t)
         if (now > t->last_cpu_ns) {
             int n = po_stack_capture(handler_frames, handler_lines, po_cfg.max_depth, 0);
             if (n > 0) {
-                po_agg_record(po_active, handler_frames, handler_lines, n, t->labels, now - t->last_cpu_ns, 1);
+                uint32_t idx = po_agg_record(po_active, handler_frames, handler_lines, n, t->labels,
+                                             now - t->last_cpu_ns, 1);
+                t->last_agg = idx == UINT32_MAX ? NULL : po_active;
+                t->last_gen = po_active->generation;
+                t->last_sample = idx;
                 po_stat_samples++;
                 /* the walk and the aggregation, on this thread's clock: the profiler's own
                  * cost, measured where it is spent; charged to the next sample, like any CPU */
@@ -70,21 +79,27 @@ void po_sample_from_handler(po_thread *t)
 
 void po_switch_labels(po_thread *t, po_labelset *labels, int skip)
 {
-    int n = 0;
-    /* The walk runs before taking the lock: it only reads this thread's own frames. */
-    if (po_running && t->has_timer && t->tid == po_gettid())
-        n = po_stack_capture(gvl_frames, gvl_lines, po_cfg.max_depth, skip);
     po_lock();
-    if (n > 0 && po_running && t->has_timer && po_active) {
+    if (po_running && t->has_timer && po_active && t->tid == po_gettid()) {
         uint64_t now = po_thread_cpu_ns(t->tid);
         if (now > t->last_cpu_ns) {
-            po_agg_record(po_active, gvl_frames, gvl_lines, n, t->labels, now - t->last_cpu_ns, 0);
+            uint64_t tail = now - t->last_cpu_ns;
+            if (t->last_agg == po_active && t->last_gen == po_active->generation) {
+                po_active->samples[t->last_sample].cpu_ns += tail;
+            } else {
+                /* Walking under the lock is safe: it reads this thread's own frames and
+                 * neither allocates nor raises. */
+                int n = po_stack_capture(gvl_frames, gvl_lines, po_cfg.max_depth, skip);
+                if (n > 0) po_agg_record(po_active, gvl_frames, gvl_lines, n, t->labels, tail, 0);
+                po_stat_boundary_flushes++;
+            }
             t->last_cpu_ns = now;
             po_stat_label_flushes++;
         }
     }
     po_labelset *old = t->labels;
     t->labels = labels;
+    t->last_agg = NULL;
     t->label_changes++;
     po_labelset_unref(old);
     po_unlock();
