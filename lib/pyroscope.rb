@@ -2,3 +2,4 @@
 
 require_relative "pyroscope/version"
 require_relative "pyroscope/native"
+require_relative "pyroscope/exporter"

@@ -10,6 +10,7 @@
 #include <pthread.h>
 
 static VALUE mNative;
+void po_export_binding_init(VALUE mNative);
 
 static void roots_mark(void *p)
 {
@@ -148,6 +149,19 @@ static VALUE native_stats(VALUE self)
     return h;
 }
 
+/* The calling thread is the gem's own (the exporter): never sample it. */
+static VALUE native_exclude_current_thread(VALUE self)
+{
+    (void)self;
+    po_thread *t = po_thread_current(1);
+    if (!t) return Qfalse;
+    po_lock();
+    t->excluded = 1;
+    po_timer_disarm(t);
+    po_unlock();
+    return Qtrue;
+}
+
 static VALUE native_thread_cpu_ns(VALUE self)
 {
     (void)self;
@@ -176,5 +190,7 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
     rb_define_singleton_method(mNative, "set_thread_labels", native_set_thread_labels, 2);
     rb_define_singleton_method(mNative, "stats", native_stats, 0);
     rb_define_singleton_method(mNative, "thread_cpu_ns", native_thread_cpu_ns, 0);
+    rb_define_singleton_method(mNative, "exclude_current_thread", native_exclude_current_thread, 0);
     rb_define_const(mNative, "MAX_THREADS", INT2NUM(PO_MAX_THREADS));
+    po_export_binding_init(mNative);
 }

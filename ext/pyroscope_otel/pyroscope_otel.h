@@ -62,6 +62,7 @@ typedef struct po_thread {
     pid_t tid;              /* 0: free slot */
     volatile int holds_gvl; /* Ruby >= 3.2: kept by the GVL hooks */
     int has_timer;
+    int excluded;           /* the gem's own Ruby threads: never given a timer */
     timer_t timer;
     uint64_t last_cpu_ns;   /* CPU time already accounted; under po_lock */
     po_labelset *labels;    /* the label slot; under po_lock */

@@ -108,7 +108,7 @@ void po_switch_labels(po_thread *t, po_labelset *labels, int skip)
 /* Under po_lock. */
 static void register_locked(po_thread *t, int holds_gvl)
 {
-    if (!po_running || t->has_timer) return;
+    if (!po_running || t->has_timer || t->excluded) return;
     t->last_cpu_ns = po_thread_cpu_ns(t->tid);
     t->holds_gvl = holds_gvl;
     int err = po_timer_arm(t, (int)(t - po_threads), po_cfg.interval_ns);

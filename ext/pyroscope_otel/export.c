@@ -1,0 +1,216 @@
+/*
+ * export.c — a taken window (Ruby data, see window.c) into an export model (GVL).
+ *
+ * This is the only export step that holds the GVL: it reads Ruby strings. Work is per
+ * distinct object, not per sample: the window shares one frozen Array per stack, one
+ * name and file String per frame and one Hash per label set, and each is converted once
+ * (st_tables keyed by the object). Encoding, gzip and sending happen later without the
+ * GVL (pprof.c, transport.c).
+ *
+ * What it applies, from SPEC §2.1: file names shortened (the app root stripped, "gems/..."
+ * kept, Ruby's library prefixes stripped); label names sanitized to [A-Za-z0-9_.] (other
+ * bytes become "_", empty names dropped, the first of duplicate names kept, sample labels
+ * before global tags); stacks deeper than 1 000 frames cut to 999 and a "(truncated)" frame.
+ * Raises only before the model exists (bad options); a model that ran out of memory is
+ * freed and NULL returned.
+ */
+#include "pyroscope_otel.h"
+#include "export_model.h"
+#include <ruby/st.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct build {
+    po_model *m;
+    st_table *strs;   /* String VALUE -> string id */
+    st_table *files;  /* file String VALUE -> string id (shortened) */
+    st_table *stacks; /* stack Array VALUE -> index into spans */
+    st_table *labels; /* labels Hash VALUE -> index into spans */
+    uint32_t (*spans)[2]; /* (offset, count) into ids */
+    uint32_t n_spans, cap_spans;
+    uint32_t *ids;
+    uint32_t n_ids, cap_ids;
+    VALUE app_root, prefixes, tags;
+    uint32_t truncated_loc;
+};
+
+static int reserve(void **p, uint32_t *cap, uint32_t need, size_t elem)
+{
+    if (need <= *cap) return 0;
+    uint32_t c = *cap ? *cap : 256;
+    while (c < need) c *= 2;
+    void *q = realloc(*p, (size_t)c * elem);
+    if (!q) return -1;
+    *p = q;
+    *cap = c;
+    return 0;
+}
+
+static uint32_t string_id(struct build *b, VALUE s)
+{
+    st_data_t id;
+    if (st_lookup(b->strs, (st_data_t)s, &id)) return (uint32_t)id;
+    uint32_t i = po_model_string(b->m, RSTRING_PTR(s), RSTRING_LEN(s));
+    st_insert(b->strs, (st_data_t)s, i);
+    return i;
+}
+
+static int starts_with_dir(const char *p, long n, VALUE dir)
+{
+    long d = RSTRING_LEN(dir);
+    return d > 0 && n > d && memcmp(p, RSTRING_PTR(dir), d) == 0 && p[d] == '/';
+}
+
+static uint32_t file_id(struct build *b, VALUE file)
+{
+    st_data_t id;
+    if (st_lookup(b->files, (st_data_t)file, &id)) return (uint32_t)id;
+    const char *p = RSTRING_PTR(file);
+    long n = RSTRING_LEN(file), cut = 0;
+    if (starts_with_dir(p, n, b->app_root)) {
+        cut = RSTRING_LEN(b->app_root) + 1;
+    } else {
+        for (long i = n - 6; i >= 0; i--) /* the last "/gems/": gems/<name>-<version>/... */
+            if (memcmp(p + i, "/gems/", 6) == 0) { cut = i + 1; break; }
+        for (long i = 0; !cut && i < RARRAY_LEN(b->prefixes); i++) {
+            VALUE pre = RARRAY_AREF(b->prefixes, i);
+            if (starts_with_dir(p, n, pre)) cut = RSTRING_LEN(pre) + 1;
+        }
+    }
+    uint32_t i = po_model_string(b->m, p + cut, n - cut);
+    st_insert(b->files, (st_data_t)file, i);
+    return i;
+}
+
+static uint32_t push_span(struct build *b, const uint32_t *ids, uint32_t n)
+{
+    if (reserve((void **)&b->ids, &b->cap_ids, b->n_ids + n, sizeof(uint32_t)) ||
+        reserve((void **)&b->spans, &b->cap_spans, b->n_spans + 1, sizeof(*b->spans))) {
+        b->m->oom = 1;
+        return UINT32_MAX;
+    }
+    memcpy(b->ids + b->n_ids, ids, n * sizeof(uint32_t));
+    b->spans[b->n_spans][0] = b->n_ids;
+    b->spans[b->n_spans][1] = n;
+    b->n_ids += n;
+    return b->n_spans++;
+}
+
+static uint32_t stack_span(struct build *b, VALUE frames)
+{
+    st_data_t idx;
+    if (st_lookup(b->stacks, (st_data_t)frames, &idx)) return (uint32_t)idx;
+    Check_Type(frames, T_ARRAY);
+    long n = RARRAY_LEN(frames), keep = n > PO_SERVER_MAX_DEPTH ? PO_SERVER_MAX_DEPTH - 1 : n;
+    uint32_t *locs = ALLOCA_N(uint32_t, keep + 1);
+    for (long i = 0; i < keep; i++) {
+        VALUE f = RARRAY_AREF(frames, i);
+        Check_Type(f, T_ARRAY);
+        uint32_t fn = po_model_function(b->m, string_id(b, RARRAY_AREF(f, 0)), file_id(b, RARRAY_AREF(f, 1)));
+        locs[i] = po_model_location(b->m, fn, NUM2INT(RARRAY_AREF(f, 2)));
+    }
+    if (keep < n) locs[keep++] = b->truncated_loc;
+    uint32_t span = push_span(b, locs, (uint32_t)keep);
+    st_insert(b->stacks, (st_data_t)frames, span);
+    return span;
+}
+
+/* Server label names: [A-Za-z0-9_.]; other bytes become "_". */
+static VALUE label_name(VALUE key)
+{
+    VALUE k = rb_str_dup(rb_obj_as_string(key));
+    char *p = RSTRING_PTR(k);
+    for (long i = 0; i < RSTRING_LEN(k); i++) {
+        char c = p[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '.'))
+            p[i] = '_';
+    }
+    return k;
+}
+
+struct label_acc { struct build *b; VALUE seen; uint32_t *pairs; uint32_t n, cap; };
+
+static int add_label(VALUE k, VALUE v, VALUE arg)
+{
+    struct label_acc *a = (struct label_acc *)arg;
+    if (NIL_P(v) || a->n >= a->cap) return ST_CONTINUE;
+    VALUE name = label_name(k);
+    if (RSTRING_LEN(name) == 0 || RTEST(rb_hash_lookup2(a->seen, name, Qfalse))) return ST_CONTINUE;
+    rb_hash_aset(a->seen, name, Qtrue);
+    a->pairs[2 * a->n] = po_model_string(a->b->m, RSTRING_PTR(name), RSTRING_LEN(name));
+    VALUE vs = rb_obj_as_string(v);
+    a->pairs[2 * a->n + 1] = po_model_string(a->b->m, RSTRING_PTR(vs), RSTRING_LEN(vs));
+    a->n++;
+    return ST_CONTINUE;
+}
+
+static uint32_t label_span(struct build *b, VALUE labels)
+{
+    st_data_t idx;
+    if (st_lookup(b->labels, (st_data_t)labels, &idx)) return (uint32_t)idx;
+    Check_Type(labels, T_HASH);
+    uint32_t pairs[2 * 100];
+    struct label_acc a = { b, rb_hash_new(), pairs, 0, 100 };
+    rb_hash_foreach(labels, add_label, (VALUE)&a);
+    if (!NIL_P(b->tags)) rb_hash_foreach(b->tags, add_label, (VALUE)&a);
+    uint32_t span = push_span(b, pairs, 2 * a.n);
+    st_insert(b->labels, (st_data_t)labels, span);
+    return span;
+}
+
+struct build_args { struct build *b; VALUE window; };
+
+static VALUE build_samples(VALUE arg)
+{
+    struct build *b = ((struct build_args *)arg)->b;
+    VALUE samples = rb_hash_fetch(((struct build_args *)arg)->window, ID2SYM(rb_intern("samples")));
+    Check_Type(samples, T_ARRAY);
+    for (long i = 0; i < RARRAY_LEN(samples) && !b->m->oom; i++) {
+        VALUE s = RARRAY_AREF(samples, i);
+        Check_Type(s, T_ARRAY);
+        int64_t cpu = NUM2LL(RARRAY_AREF(s, 2));
+        if (cpu <= 0) continue;
+        uint32_t st = stack_span(b, RARRAY_AREF(s, 0)), lt = label_span(b, RARRAY_AREF(s, 1));
+        if (st == UINT32_MAX || lt == UINT32_MAX) break;
+        po_model_sample(b->m, b->ids + b->spans[st][0], b->spans[st][1], b->ids + b->spans[lt][0],
+                        b->spans[lt][1] / 2, cpu);
+    }
+    return Qnil;
+}
+
+static VALUE build_cleanup(VALUE arg)
+{
+    struct build *b = ((struct build_args *)arg)->b;
+    st_free_table(b->strs); st_free_table(b->files); st_free_table(b->stacks); st_free_table(b->labels);
+    free(b->spans); free(b->ids);
+    return Qnil;
+}
+
+po_model *po_model_from_window(VALUE window, int sample_rate, VALUE app_root, VALUE prefixes, VALUE tags)
+{
+    Check_Type(window, T_HASH);
+    Check_Type(app_root, T_STRING);
+    Check_Type(prefixes, T_ARRAY);
+    if (!NIL_P(tags)) Check_Type(tags, T_HASH);
+    po_model *m = malloc(sizeof(*m));
+    if (!m) rb_raise(rb_eNoMemError, "pyroscope: cannot allocate an export model");
+    po_model_init(m);
+    uint64_t started = NUM2ULL(rb_hash_fetch(window, ID2SYM(rb_intern("started_at_ns"))));
+    uint64_t ended = NUM2ULL(rb_hash_fetch(window, ID2SYM(rb_intern("ended_at_ns"))));
+    m->time_nanos = (int64_t)started;
+    m->duration_nanos = ended > started ? (int64_t)(ended - started) : 0;
+    m->period = 1000000000LL / (sample_rate > 0 ? sample_rate : 100);
+    struct build b = { .m = m, .app_root = app_root, .prefixes = prefixes, .tags = tags };
+    b.strs = st_init_numtable();
+    b.files = st_init_numtable();
+    b.stacks = st_init_numtable();
+    b.labels = st_init_numtable();
+    b.truncated_loc = po_model_location(m, po_model_function(m, po_model_string(m, "(truncated)", 11), 0), 0);
+    struct build_args args = { &b, window };
+    int state = 0;
+    rb_protect(build_samples, (VALUE)&args, &state);
+    build_cleanup((VALUE)&args);
+    if (state) { po_model_free(m); free(m); rb_jump_tag(state); }
+    if (m->oom) { po_model_free(m); free(m); return NULL; }
+    return m;
+}

@@ -1,0 +1,268 @@
+/*
+ * pprof.c — encoding an export model as pprof (protobuf-c, from proto/profile.proto) and
+ * gzip (zlib), within the Pyroscope server's limits.
+ *
+ * Runs on the uploader thread, without the GVL, on a model no other thread touches.
+ * A window becomes one or more profiles: po_pprof_split cuts the samples so that each
+ * profile has at most 16 000 samples and at most 4 MiB packed, using per-item upper
+ * bounds of the encoded size (so no profile can come out over the limit), and each
+ * profile carries only the strings, functions and locations its samples use.
+ * The profile: string_table[0] = ""; sample_type and period_type cpu/nanoseconds;
+ * period = 1e9 / sample rate; one value per sample, CPU nanoseconds; time_nanos and
+ * duration_nanos of the window; Function{name, system_name, filename}; Location{line}.
+ */
+#include "export_model.h"
+#include "profile.pb-c.h"
+#include <stdlib.h>
+#include <string.h>
+#include <zlib.h>
+
+typedef Perftools__Profiles__Profile Profile;
+typedef Perftools__Profiles__Sample Sample;
+typedef Perftools__Profiles__Label Label;
+typedef Perftools__Profiles__Location Location;
+typedef Perftools__Profiles__Line Line;
+typedef Perftools__Profiles__Function Function;
+typedef Perftools__Profiles__ValueType ValueType;
+
+/* Upper bounds of encoded bytes (field tags, lengths and varints at their widest). */
+#define UB_SAMPLE_BASE 24
+#define UB_PER_LOCATION_ID 5
+#define UB_PER_LABEL 18
+#define UB_STRING_OVERHEAD 7
+#define UB_FUNCTION 36
+#define UB_LOCATION 36
+#define UB_PROFILE_BASE 128
+#define PO_STR_CPU 1
+#define PO_STR_NANOSECONDS 2
+
+struct stamps {
+    uint32_t *str, *fn, *loc; /* the chunk that last used each item */
+};
+
+/* Upper bound of the bytes sample s adds to `chunk`, given what the chunk has already. */
+static size_t sample_cost(const po_model *m, const struct po_xsample *s, const struct stamps *st, uint32_t chunk)
+{
+    size_t add = UB_SAMPLE_BASE + (size_t)s->n_loc * UB_PER_LOCATION_ID + (size_t)s->n_lab * UB_PER_LABEL;
+#define STR_COST(id) (st->str[id] == chunk ? 0 : (size_t)m->str_len[id] + UB_STRING_OVERHEAD)
+    for (uint32_t j = 0; j < s->n_loc; j++) {
+        uint32_t l = m->locids[s->loc_off + j], f = m->loc[l].fn;
+        if (st->loc[l] == chunk) continue;
+        add += UB_LOCATION;
+        if (st->fn[f] != chunk) add += UB_FUNCTION + STR_COST(m->fn[f][0]) + STR_COST(m->fn[f][1]);
+    }
+    for (uint32_t j = 0; j < 2 * s->n_lab; j++) add += STR_COST(m->labs[s->lab_off + j]);
+#undef STR_COST
+    return add;
+}
+
+static void sample_stamp(const po_model *m, const struct po_xsample *s, struct stamps *st, uint32_t chunk)
+{
+    for (uint32_t j = 0; j < s->n_loc; j++) {
+        uint32_t l = m->locids[s->loc_off + j], f = m->loc[l].fn;
+        st->loc[l] = st->fn[f] = st->str[m->fn[f][0]] = st->str[m->fn[f][1]] = chunk;
+    }
+    for (uint32_t j = 0; j < 2 * s->n_lab; j++) st->str[m->labs[s->lab_off + j]] = chunk;
+}
+
+uint32_t po_pprof_split(const po_model *m, uint32_t **bounds_out)
+{
+    struct stamps st = {
+        calloc(m->n_str + 1, sizeof(uint32_t)), calloc(m->n_fn + 1, sizeof(uint32_t)),
+        calloc(m->n_loc + 1, sizeof(uint32_t)),
+    };
+    uint32_t cap = 4, n = 0;
+    uint32_t *bounds = malloc(cap * sizeof(uint32_t));
+    if (!st.str || !st.fn || !st.loc || !bounds) goto fail;
+
+    uint32_t chunk = 1, count = 0;
+    size_t bytes = UB_PROFILE_BASE;
+    for (uint32_t i = 0; i < m->n_smp; i++) {
+        const struct po_xsample *s = &m->smp[i];
+        size_t add = sample_cost(m, s, &st, chunk);
+        if (count > 0 && (count + 1 > PO_SERVER_MAX_SAMPLES || bytes + add > PO_SERVER_MAX_BYTES)) {
+            if (n + 2 > cap) {
+                uint32_t *b = realloc(bounds, (cap *= 2) * sizeof(uint32_t));
+                if (!b) goto fail;
+                bounds = b;
+            }
+            bounds[n++] = i;
+            chunk++;
+            count = 0;
+            bytes = UB_PROFILE_BASE;
+            add = sample_cost(m, s, &st, chunk);
+        }
+        sample_stamp(m, s, &st, chunk);
+        bytes += add;
+        count++;
+    }
+    bounds[n++] = m->n_smp;
+    free(st.str); free(st.fn); free(st.loc);
+    *bounds_out = bounds;
+    return n;
+fail:
+    free(st.str); free(st.fn); free(st.loc); free(bounds);
+    return 0;
+}
+
+struct packer {
+    const po_model *m;
+    uint32_t *str_map, *fn_map, *loc_map; /* model id -> profile id (+1 for strings) */
+    char **strs;
+    uint32_t n_strs;
+    Function *fns;
+    Function **fn_ptrs;
+    uint32_t n_fns;
+    Location *locs;
+    Location **loc_ptrs;
+    Line *lines;
+    Line **line_ptrs;
+    uint32_t n_locs;
+};
+
+static int64_t str_id(struct packer *p, uint32_t id)
+{
+    if (!p->str_map[id]) {
+        p->strs[p->n_strs] = p->m->str[id];
+        p->str_map[id] = ++p->n_strs;
+    }
+    return p->str_map[id] - 1;
+}
+
+static uint64_t fn_id(struct packer *p, uint32_t f)
+{
+    if (!p->fn_map[f]) {
+        Function *fn = &p->fns[p->n_fns];
+        perftools__profiles__function__init(fn);
+        fn->id = p->n_fns + 1;
+        fn->name = fn->system_name = str_id(p, p->m->fn[f][0]);
+        fn->filename = str_id(p, p->m->fn[f][1]);
+        p->fn_ptrs[p->n_fns] = fn;
+        p->fn_map[f] = ++p->n_fns;
+    }
+    return p->fn_map[f];
+}
+
+static uint64_t loc_id(struct packer *p, uint32_t l)
+{
+    if (!p->loc_map[l]) {
+        uint32_t k = p->n_locs;
+        Location *loc = &p->locs[k];
+        Line *line = &p->lines[k];
+        perftools__profiles__location__init(loc);
+        perftools__profiles__line__init(line);
+        line->function_id = fn_id(p, p->m->loc[l].fn);
+        line->line = p->m->loc[l].line;
+        p->line_ptrs[k] = line;
+        loc->id = k + 1;
+        loc->n_line = 1;
+        loc->line = &p->line_ptrs[k];
+        p->loc_ptrs[k] = loc;
+        p->loc_map[l] = ++p->n_locs;
+    }
+    return p->loc_map[l];
+}
+
+uint8_t *po_pprof_pack(const po_model *m, uint32_t from, uint32_t to, size_t *len)
+{
+    uint32_t ns = to - from, n_ids = 0, n_lab = 0;
+    for (uint32_t i = from; i < to; i++) { n_ids += m->smp[i].n_loc; n_lab += m->smp[i].n_lab; }
+    struct packer p = { .m = m };
+    p.str_map = calloc(m->n_str, sizeof(uint32_t));
+    p.fn_map = calloc(m->n_fn ? m->n_fn : 1, sizeof(uint32_t));
+    p.loc_map = calloc(m->n_loc ? m->n_loc : 1, sizeof(uint32_t));
+    p.strs = malloc(m->n_str * sizeof(char *));
+    uint32_t max_loc = n_ids < m->n_loc ? n_ids : m->n_loc;
+    uint32_t max_fn = max_loc < m->n_fn ? max_loc : m->n_fn;
+    p.fns = malloc((max_fn + 1) * sizeof(Function));
+    p.fn_ptrs = malloc((max_fn + 1) * sizeof(Function *));
+    p.locs = malloc((max_loc + 1) * sizeof(Location));
+    p.loc_ptrs = malloc((max_loc + 1) * sizeof(Location *));
+    p.lines = malloc((max_loc + 1) * sizeof(Line));
+    p.line_ptrs = malloc((max_loc + 1) * sizeof(Line *));
+    Sample *samples = malloc((ns + 1) * sizeof(Sample));
+    Sample **sample_ptrs = malloc((ns + 1) * sizeof(Sample *));
+    uint64_t *ids = malloc((n_ids + 1) * sizeof(uint64_t));
+    int64_t *values = malloc((ns + 1) * sizeof(int64_t));
+    Label *labels = malloc((n_lab + 1) * sizeof(Label));
+    Label **label_ptrs = malloc((n_lab + 1) * sizeof(Label *));
+    uint8_t *out = NULL;
+    if (!p.str_map || !p.fn_map || !p.loc_map || !p.strs || !p.fns || !p.fn_ptrs || !p.locs || !p.loc_ptrs ||
+        !p.lines || !p.line_ptrs || !samples || !sample_ptrs || !ids || !values || !labels || !label_ptrs)
+        goto done;
+
+    str_id(&p, 0);
+    ValueType vt, period_type;
+    perftools__profiles__value_type__init(&vt);
+    perftools__profiles__value_type__init(&period_type);
+    vt.type = period_type.type = str_id(&p, PO_STR_CPU);
+    vt.unit = period_type.unit = str_id(&p, PO_STR_NANOSECONDS);
+    ValueType *vts[1] = { &vt };
+
+    uint32_t id_pos = 0, lab_pos = 0;
+    for (uint32_t i = 0; i < ns; i++) {
+        const struct po_xsample *s = &m->smp[from + i];
+        Sample *out_s = &samples[i];
+        perftools__profiles__sample__init(out_s);
+        out_s->location_id = &ids[id_pos];
+        out_s->n_location_id = s->n_loc;
+        for (uint32_t j = 0; j < s->n_loc; j++) ids[id_pos++] = loc_id(&p, m->locids[s->loc_off + j]);
+        values[i] = s->cpu_ns;
+        out_s->value = &values[i];
+        out_s->n_value = 1;
+        out_s->label = &label_ptrs[lab_pos];
+        out_s->n_label = s->n_lab;
+        for (uint32_t j = 0; j < s->n_lab; j++) {
+            Label *l = &labels[lab_pos];
+            perftools__profiles__label__init(l);
+            l->key = str_id(&p, m->labs[s->lab_off + 2 * j]);
+            l->str = str_id(&p, m->labs[s->lab_off + 2 * j + 1]);
+            label_ptrs[lab_pos++] = l;
+        }
+        sample_ptrs[i] = out_s;
+    }
+
+    Profile prof;
+    perftools__profiles__profile__init(&prof);
+    prof.n_sample_type = 1;
+    prof.sample_type = vts;
+    prof.period_type = &period_type;
+    prof.period = m->period;
+    prof.time_nanos = m->time_nanos;
+    prof.duration_nanos = m->duration_nanos;
+    prof.n_sample = ns;
+    prof.sample = sample_ptrs;
+    prof.n_location = p.n_locs;
+    prof.location = p.loc_ptrs;
+    prof.n_function = p.n_fns;
+    prof.function = p.fn_ptrs;
+    prof.n_string_table = p.n_strs;
+    prof.string_table = p.strs;
+    *len = perftools__profiles__profile__get_packed_size(&prof);
+    out = malloc(*len ? *len : 1);
+    if (out) perftools__profiles__profile__pack(&prof, out);
+done:
+    free(p.str_map); free(p.fn_map); free(p.loc_map); free(p.strs); free(p.fns); free(p.fn_ptrs);
+    free(p.locs); free(p.loc_ptrs); free(p.lines); free(p.line_ptrs);
+    free(samples); free(sample_ptrs); free(ids); free(values); free(labels); free(label_ptrs);
+    return out;
+}
+
+uint8_t *po_gzip(const uint8_t *buf, size_t len, size_t *out_len)
+{
+    z_stream z;
+    memset(&z, 0, sizeof(z));
+    if (deflateInit2(&z, 6, Z_DEFLATED, 15 + 16 /* gzip wrapper */, 8, Z_DEFAULT_STRATEGY) != Z_OK) return NULL;
+    size_t cap = deflateBound(&z, len) + 32;
+    uint8_t *out = malloc(cap);
+    if (!out) { deflateEnd(&z); return NULL; }
+    z.next_in = (Bytef *)buf;
+    z.avail_in = (uInt)len;
+    z.next_out = out;
+    z.avail_out = (uInt)cap;
+    int rc = deflate(&z, Z_FINISH);
+    *out_len = z.total_out;
+    deflateEnd(&z);
+    if (rc != Z_STREAM_END) { free(out); return NULL; }
+    return out;
+}

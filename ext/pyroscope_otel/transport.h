@@ -1,0 +1,32 @@
+/* transport.h — the uploader's interface (transport.c). */
+#ifndef PYROSCOPE_OTEL_TRANSPORT_H
+#define PYROSCOPE_OTEL_TRANSPORT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct curl_slist;
+struct po_model;
+
+typedef struct po_transport_config {
+    long connect_timeout_ms, timeout_ms;
+    size_t max_windows, max_bytes;
+    int max_attempts;
+    char user_agent[128];
+    char ca_file[512];
+} po_transport_config;
+
+typedef struct po_transport_stats {
+    uint64_t windows_sent, windows_dropped, samples_dropped, requests, retries, bytes_sent;
+    size_t queued_windows, queued_bytes;
+} po_transport_stats;
+
+void po_transport_init(void);
+void po_transport_configure(const po_transport_config *c, struct curl_slist *headers); /* takes headers */
+int po_transport_enqueue(struct po_model *m, const char *url, const char *log_url);    /* takes m */
+int po_transport_flush(double timeout_s); /* GVL; waits without it; 1 when the queue drained */
+void po_transport_stats_read(po_transport_stats *out, char *err, size_t errlen);
+int po_transport_next_event(int *level, char *msg, size_t len);
+void po_transport_after_fork_child(void);
+
+#endif

@@ -1,0 +1,169 @@
+# frozen_string_literal: true
+
+require "logger"
+require "rbconfig"
+require "uri"
+
+module Pyroscope
+  # Takes the sampler's window every `upload_interval` seconds (aligned to the wall clock)
+  # and hands it to the native uploader: the Ruby part (frames to strings, the export
+  # model) runs on this class's own thread, which the sampler never samples; encoding,
+  # gzip and HTTP run on the uploader's native thread without the GVL.
+  class Exporter
+    APP_NAME = %r{\A[A-Za-z0-9_.\-/]+\z}
+    SPY_NAME = "rbspy" # what Pyroscope's UI knows as Ruby; the Ruby SDK sent it too
+    LEVELS = { 1 => Logger::INFO, 2 => Logger::WARN, 3 => Logger::ERROR }.freeze
+
+    attr_reader :gvl_ns
+
+    def initialize(application_name:, server_address:, logger:, sample_rate: Native::DEFAULT_SAMPLE_RATE,
+                   auth_token: nil, basic_auth_username: nil, basic_auth_password: nil, tenant_id: nil,
+                   http_headers: {}, tags: {}, upload_interval: 10, connect_timeout: 5, timeout: 10,
+                   queue_max_windows: 12, queue_max_bytes: 64 << 20, max_attempts: 5, ca_file: nil,
+                   app_root: Dir.pwd)
+      @app = check_app_name(application_name)
+      @uri = check_server(server_address)
+      @logger = logger
+      @sample_rate = sample_rate
+      @interval = check_positive(:upload_interval, upload_interval)
+      @tags = tags
+      @export_opts = [sample_rate, File.expand_path(app_root), library_prefixes, tags.empty? ? nil : tags].freeze
+      headers = request_headers(auth_token, basic_auth_username, basic_auth_password, tenant_id, http_headers)
+      Native._configure_transport(headers, ms(:connect_timeout, connect_timeout), ms(:timeout, timeout),
+                                  Integer(queue_max_windows), Integer(queue_max_bytes), Integer(max_attempts),
+                                  "pyroscope-otel/#{VERSION} ruby/#{RUBY_VERSION}", ca_file)
+      @gvl_ns = 0
+      @mutex = Mutex.new
+      @wake = ConditionVariable.new
+      @thread = nil
+    end
+
+    def start
+      @mutex.synchronize do
+        return if @thread
+
+        @stopping = false
+        @thread = Thread.new { run }
+        @thread.name = "pyroscope-exporter"
+      end
+    end
+
+    # Sends the last, partial window and waits at most `timeout` seconds for the queue.
+    def stop(timeout: 5)
+      thread = @mutex.synchronize do
+        @stopping = true
+        @wake.signal
+        @thread.tap { @thread = nil }
+      end
+      thread&.join(timeout)
+      export_window(final: true)
+      drained = Native.flush(timeout)
+      log_events
+      drained
+    end
+
+    def export_window(final: false)
+      t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC, :nanosecond)
+      window = Native.take_window
+      unless window[:samples].empty?
+        from = window[:started_at_ns] / 1_000_000_000 / @interval * @interval
+        till = final ? [from + 1, -(-window[:ended_at_ns] / 1_000_000_000)].max : from + @interval
+        Native._enqueue(window, @export_opts, url(from, till), log_url)
+      end
+      @gvl_ns += Process.clock_gettime(Process::CLOCK_MONOTONIC, :nanosecond) - t0
+      log_events
+    end
+
+    private
+
+    def run
+      Native.exclude_current_thread
+      loop do
+        @mutex.synchronize do
+          now = Process.clock_gettime(Process::CLOCK_REALTIME)
+          @wake.wait(@mutex, ((now / @interval).floor + 1) * @interval - now) unless @stopping
+        end
+        break if @stopping
+
+        export_window
+      end
+    rescue StandardError => e
+      @logger.error("pyroscope: exporter stopped: #{e.class}: #{e.message}")
+    end
+
+    def log_events
+      Native.upload_events.each { |level, message| @logger.add(LEVELS.fetch(level, Logger::WARN), "pyroscope: #{message}") }
+    end
+
+    def url(from, till)
+      query = URI.encode_www_form(name: @app, from: from, until: till, format: "pprof",
+                                  sampleRate: @sample_rate, spyName: SPY_NAME)
+      "#{@uri}/ingest?#{query}"
+    end
+
+    def log_url
+      @log_url ||= begin
+        safe = @uri.dup
+        safe.user = nil
+        safe.password = nil
+        "#{safe}/ingest"
+      end
+    end
+
+    def request_headers(token, user, password, tenant, extra)
+      headers = ["Content-Type: binary/octet-stream", "Content-Encoding: gzip"]
+      if token && !token.to_s.empty?
+        headers << "Authorization: Bearer #{token}"
+      elsif user && password && !user.to_s.empty? && !password.to_s.empty?
+        headers << "Authorization: Basic #{["#{user}:#{password}"].pack("m0")}"
+      end
+      headers << "X-Scope-OrgID: #{tenant}" if tenant && !tenant.to_s.empty?
+      raise ArgumentError, "http_headers must be a Hash, got #{extra.class}" unless extra.is_a?(Hash)
+
+      extra.each do |name, value|
+        name = name.to_s
+        value = value.to_s
+        unless name.match?(/\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\z/) && !value.match?(/[\r\n\0]/)
+          raise ArgumentError, "http_headers: invalid header #{name.inspect} (a token name and a value without line breaks)"
+        end
+
+        headers << "#{name}: #{value}"
+      end
+      headers
+    end
+
+    def check_app_name(name)
+      return name if name.is_a?(String) && name.match?(APP_NAME)
+
+      raise ArgumentError, "application_name must match #{APP_NAME.source} (letters, digits, _ . - /), got #{name.inspect}"
+    end
+
+    def check_server(address)
+      uri = URI.parse(address.to_s)
+      unless %w[http https].include?(uri.scheme) && uri.host && !uri.host.empty?
+        raise ArgumentError, "server_address must be an http:// or https:// URL, got #{address.inspect}"
+      end
+
+      uri.query = nil
+      uri.fragment = nil
+      uri.path = uri.path.chomp("/")
+      uri
+    rescue URI::InvalidURIError
+      raise ArgumentError, "server_address must be an http:// or https:// URL, got #{address.inspect}"
+    end
+
+    def check_positive(name, value)
+      return value if value.is_a?(Numeric) && value.positive?
+
+      raise ArgumentError, "#{name} must be a positive number, got #{value.inspect}"
+    end
+
+    def ms(name, seconds)
+      (check_positive(name, seconds) * 1000).ceil
+    end
+
+    def library_prefixes
+      %w[rubylibdir rubyarchdir vendorlibdir sitelibdir].filter_map { |k| RbConfig::CONFIG[k] }.uniq
+    end
+  end
+end

@@ -1,0 +1,196 @@
+# frozen_string_literal: true
+
+require "logger"
+require "stringio"
+
+RSpec.describe Pyroscope::Exporter do
+  let(:native) { Pyroscope::Native }
+  let(:work) { Workload.new }
+  let(:receiver) { ContractReceiver.new(base_path: "/prefix") }
+  let(:log) { StringIO.new }
+  let(:options) { {} }
+  let(:exporter) do
+    described_class.new(application_name: "spec.app", server_address: receiver.url, logger: Logger.new(log),
+                        connect_timeout: 1, timeout: 2, **options)
+  end
+
+  before { exporter } # configures the uploader: headers, timeouts, caps
+
+  after do
+    receiver.close
+    native.flush(2)
+  end
+
+  # a window made by hand: its samples are known exactly
+  def window(samples)
+    now = Process.clock_gettime(Process::CLOCK_REALTIME, :nanosecond)
+    { samples: samples, started_at_ns: now - 1_000_000_000, ended_at_ns: now, dropped_samples: 0, dropped_cpu_ns: 0 }
+  end
+
+  def frames(*names) = names.map { |n| [n, "#{Dir.pwd}/app/#{n.downcase}.rb", 3] }
+
+  def enqueue(win)
+    native._enqueue(win, [100, Dir.pwd, [], nil], "#{receiver.url}/ingest?name=spec.app&from=#{Time.now.to_i / 10 * 10}" \
+                                                   "&until=#{Time.now.to_i / 10 * 10 + 10}&format=pprof&sampleRate=100&spyName=rbspy",
+                    "#{receiver.url}/ingest")
+  end
+
+  it "delivers what was sampled: stacks, labels and CPU, within the contract" do
+    sent_before = native.upload_stats[:windows_sent]
+    native.start
+    native.set_labels({ "span" => "BikeHandler" })
+    before = thread_cpu
+    work.heavy(0.3)
+    spent = thread_cpu - before
+    native.clear_labels
+    exporter.stop(timeout: 5)
+    native.stop
+    received = receiver.wait_for(1)
+    expect(receiver.violations).to be_empty
+    bike = receiver.samples.select { |s| s[:labels]["span"] == "BikeHandler" }
+    expect(bike.sum { |s| s[:cpu_ns] } / 1e9).to be_within(0.1 * spent).of(spent)
+    leafish = bike.flat_map { |s| s[:frames] }.find { |name, *| name == "Workload#heavy" }
+    expect(leafish).to eq(["Workload#heavy", "spec/support/workload.rb", 7]) # app root stripped
+    expect(received.first[:params]).to include("name" => "spec.app", "format" => "pprof", "sampleRate" => "100")
+    expect(native.upload_stats[:windows_sent]).to eq(sent_before + 1)
+  end
+
+  context "with credentials and a tenant" do
+    let(:options) { { auth_token: "s3cret-token", tenant_id: "team-a", http_headers: { "X-Extra" => "1" } } }
+
+    it "sends them as headers and never logs them" do
+      receiver.expect_auth = "Bearer s3cret-token"
+      receiver.expect_tenant = "team-a"
+      native.start
+      work.heavy(0.05)
+      exporter.stop(timeout: 5)
+      receiver.wait_for(1)
+      expect(receiver.violations).to be_empty
+      expect(receiver.accepted.first[:headers]["x-extra"]).to eq("1")
+      receiver.mode = [:status, 500]
+      native.start
+      work.heavy(0.05)
+      exporter.stop(timeout: 1)
+      expect(log.string).to include("HTTP 500")
+      expect(log.string).not_to include("s3cret")
+    end
+  end
+
+  it "keeps label values byte for byte, whatever they contain" do
+    values = ["a=b,c", "{x}", "quote \" and ' ", "naïve ☃ 日本", "", "k=v}{,"]
+    samples = values.each_with_index.map { |v, i| [frames("Handler#call"), { "v" => v, "i" => i.to_s }, 1_000_000, 1] }
+    enqueue(window(samples))
+    receiver.wait_for(1)
+    expect(receiver.violations).to be_empty
+    got = receiver.samples.to_h { |s| [s[:labels]["i"], s[:labels]["v"]] }
+    expect(got).to eq(values.each_with_index.to_h { |v, i| [i.to_s, v] })
+  end
+
+  it "sanitizes label names to the server's grammar" do
+    enqueue(window([[frames("A#b"), { "span name" => "x", "ok.name_1" => "y", "日本" => "z" }, 1_000, 1]]))
+    receiver.wait_for(1)
+    expect(receiver.violations).to be_empty
+    expect(receiver.samples.first[:labels]).to eq("span_name" => "x", "ok.name_1" => "y", "______" => "z")
+  end
+
+  it "splits a window of 50 000 label sets within the server's limits and delivers all of it" do
+    stack = frames("Server#handle", "App#call", "Rack#call")
+    samples = Array.new(50_000) { |i| [stack, { "span_id" => format("%016x", i), "span_name" => "route#{i % 7}" }, 1000 + i, 1] }
+    enqueue(window(samples))
+    received = receiver.wait_for(4)
+    expect(receiver.violations).to be_empty
+    expect(received.map { |r| r[:samples].size }).to all(be <= 16_000)
+    got = receiver.samples
+    expect(got.size).to eq(50_000)
+    expect(got.map { |s| s[:labels]["span_id"] }.uniq.size).to eq(50_000)
+    expect(got.sum { |s| s[:cpu_ns] }).to eq(samples.sum { |s| s[2] })
+  end
+
+  it "cuts stacks deeper than 1 000 frames" do
+    deep = Array.new(1500) { |i| ["M#f#{i}", "/x.rb", i + 1] }
+    enqueue(window([[deep, {}, 5_000, 1]]))
+    receiver.wait_for(1)
+    got = receiver.samples.first[:frames]
+    expect(got.size).to eq(1000)
+    expect(got.last.first).to eq("(truncated)")
+    expect(got.first).to eq(["M#f0", "/x.rb", 1])
+  end
+
+  it "retries a 500 and a cut response, and delivers once the server answers" do
+    receiver.mode = [:status, 500]
+    enqueue(window([[frames("A#b"), {}, 1_000, 1]]))
+    sleep 0.3
+    receiver.mode = :cut
+    sleep 1.5
+    receiver.mode = :ok
+    native.flush(10)
+    expect(receiver.accepted.size).to eq(1)
+    expect(native.upload_stats[:retries]).to be >= 1
+  end
+
+  it "waits as long as Retry-After asks on a 429" do
+    receiver.mode = [:retry_after, 2]
+    enqueue(window([[frames("A#b"), {}, 1_000, 1]]))
+    sleep 0.3
+    receiver.mode = :ok
+    first = receiver.requests.first
+    expect(first[:status]).to eq(429)
+    sleep 1.0
+    expect(receiver.accepted).to be_empty # still waiting out the 2 s
+    receiver.wait_for(1, timeout: 5)
+  end
+
+  it "never retries a 400, and counts the window as dropped" do
+    receiver.mode = [:status, 400]
+    dropped = native.upload_stats[:windows_dropped]
+    enqueue(window([[frames("A#b"), {}, 1_000, 1]]))
+    native.flush(3)
+    sleep 0.2
+    expect(receiver.requests.size).to eq(1)
+    expect(native.upload_stats[:windows_dropped]).to eq(dropped + 1)
+  end
+
+  it "does not block the application while the server stalls or refuses" do
+    receiver.mode = [:stall, 3]
+    enqueue(window([[frames("A#b"), {}, 1_000, 1]]))
+    returned_while_stalled = receiver.requests.empty?
+    expect(returned_while_stalled).to be(true)
+    receiver.refuse!
+    3.times { enqueue(window([[frames("C#d"), {}, 1_000, 1]])) }
+    expect(receiver.requests).to be_empty # every enqueue returned before any answer
+    receiver.accept!
+    receiver.mode = :ok
+    native.flush(15)
+    expect(receiver.accepted.size).to be >= 1
+  end
+
+  it "drops the oldest windows past the queue cap and says so" do
+    described_class.new(application_name: "spec.app", server_address: receiver.url, logger: Logger.new(log),
+                        queue_max_windows: 2)
+    receiver.refuse!
+    before = native.upload_stats[:windows_dropped]
+    5.times { enqueue(window([[frames("A#b"), {}, 1_000, 1]])) }
+    expect(native.upload_stats[:queued_windows]).to be <= 2
+    expect(native.upload_stats[:windows_dropped] - before).to be >= 3
+    receiver.accept!
+  end
+
+  it "never samples its own thread" do
+    native.start
+    exporter.start
+    work.heavy(0.2)
+    exporter.stop(timeout: 5)
+    native.stop
+    receiver.wait_for(1)
+    expect(receiver.samples.flat_map { |s| s[:frames] }.map(&:first).grep(/Exporter/)).to be_empty
+  end
+
+  it "rejects a bad application name or server address, naming the value" do
+    expect { described_class.new(application_name: "my app{x}", server_address: receiver.url, logger: Logger.new(log)) }
+      .to raise_error(ArgumentError, /application_name must match .* got "my app\{x\}"/)
+    expect { described_class.new(application_name: "ok", server_address: "ftp://x", logger: Logger.new(log)) }
+      .to raise_error(ArgumentError, %r{server_address must be an http:// or https:// URL, got "ftp://x"})
+    expect { described_class.new(application_name: "ok", server_address: receiver.url, logger: Logger.new(log), http_headers: { "X" => "a\r\nB: c" }) }
+      .to raise_error(ArgumentError, /http_headers/)
+  end
+end

@@ -1,0 +1,54 @@
+# frozen_string_literal: true
+
+require "google/protobuf"
+require "google/protobuf/descriptor_pb"
+require "stringio"
+require "tmpdir"
+require "zlib"
+
+# Decodes pprof with the google-protobuf gem and protoc's reading of profile.proto: shares
+# no code with the C encoder under test.
+module PprofDecoder
+  PROTO = File.expand_path("../../ext/pyroscope_otel/proto/profile.proto", __dir__)
+
+  module_function
+
+  def profile_class
+    @profile_class ||= begin
+      out = File.join(Dir.mktmpdir("pprof-desc"), "profile.desc")
+      system("protoc", "--proto_path=#{File.dirname(PROTO)}", "--descriptor_set_out=#{out}", File.basename(PROTO),
+             exception: true)
+      pool = Google::Protobuf::DescriptorPool.generated_pool # message classes need this pool
+      Google::Protobuf::FileDescriptorSet.decode(File.binread(out)).file.each do |file|
+        pool.add_serialized_file(Google::Protobuf::FileDescriptorProto.encode(file))
+        # as generated code does: every message class made up front, or repeated fields
+        # of message type cannot be read
+        file.message_type.each { |m| pool.lookup("#{file.package}.#{m.name}").msgclass }
+      end
+      pool.lookup("perftools.profiles.Profile").msgclass
+    end
+  end
+
+  def decode(raw)
+    profile_class.decode(raw)
+  end
+
+  def gunzip(gz)
+    Zlib::GzipReader.new(StringIO.new(gz)).read
+  end
+
+  # [{ frames: [[name, file, line], ...] leaf first, labels: {}, cpu_ns: }]
+  def samples(profile)
+    st = profile.string_table
+    functions = profile.function.to_h { |f| [f.id, f] }
+    locations = profile.location.to_h { |l| [l.id, l] }
+    profile.sample.map do |s|
+      frames = s.location_id.map do |id|
+        line = locations.fetch(id).line.first
+        fn = functions.fetch(line.function_id)
+        [st[fn.name], st[fn.filename], line.line]
+      end
+      { frames: frames, labels: s.label.to_h { |l| [st[l.key], st[l.str]] }, cpu_ns: s.value.first }
+    end
+  end
+end
