@@ -124,7 +124,7 @@ RSpec.describe Pyroscope::Exporter do
     sleep 1.5
     receiver.mode = :ok
     native.flush(10)
-    expect(receiver.accepted.size).to eq(1)
+    expect(receiver.accepted.size).to eq(1), "#{native.upload_stats} #{receiver.requests.map { |r| r[:status] }}"
     expect(native.upload_stats[:retries]).to be >= 1
   end
 
@@ -173,6 +173,41 @@ RSpec.describe Pyroscope::Exporter do
     expect(native.upload_stats[:queued_windows]).to be <= 2
     expect(native.upload_stats[:windows_dropped] - before).to be >= 3
     receiver.accept!
+  end
+
+  it "logs a failure once per kind and state change, not once per window" do
+    enqueue(window([[frames("A#b"), {}, 1_000, 1]])) # the uploader's state starts at "succeeding"
+    native.flush(5)
+    exporter.stop(timeout: 1)
+    log.truncate(0)
+    receiver.mode = [:status, 503]
+    4.times { enqueue(window([[frames("A#b"), {}, 1_000, 1]])) }
+    sleep 0.5
+    receiver.mode = :ok
+    native.flush(15)
+    exporter.stop(timeout: 1)
+    expect(log.string.scan("HTTP 503").size).to eq(1)
+    expect(log.string.scan("succeed again").size).to eq(1)
+  end
+
+  it "sends the last window when the process exits" do
+    out, err, status = run_ruby(<<~RUBY)
+      require "pyroscope"
+      require "logger"
+      Pyroscope::Native.start
+      exporter = Pyroscope::Exporter.new(application_name: "exit.app", server_address: #{receiver.url.inspect},
+                                         logger: Logger.new($stderr))
+      exporter.start
+      x = 0
+      stop_at = Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID) + 0.1
+      x += 1 while Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID) < stop_at
+      puts "exiting"
+    RUBY
+    expect(status).to be_success, "#{status.inspect} #{err}"
+    expect(out).to eq("exiting\n")
+    got = receiver.wait_for(1)
+    expect(got.first[:params]["name"]).to eq("exit.app")
+    expect(got.first[:samples].sum { |s| s[:cpu_ns] }).to be > 50_000_000
   end
 
   it "never samples its own thread" do

@@ -168,6 +168,15 @@ static VALUE native_thread_cpu_ns(VALUE self)
     return ULL2NUM(po_thread_cpu_ns(po_gettid()));
 }
 
+/* End procs run in reverse order of registration, so this one, registered at load, runs
+ * after the application's at_exit blocks (the exporter's last window among them) and
+ * before the VM is torn down: a sample walking a VM being destroyed would crash it. */
+static void stop_at_exit(VALUE unused)
+{
+    (void)unused;
+    po_stop();
+}
+
 RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
 {
     VALUE mPyroscope = rb_define_module("Pyroscope");
@@ -179,6 +188,7 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
     rb_gc_register_mark_object(roots);
 
     po_thread_events_init();
+    rb_set_end_proc(stop_at_exit, Qnil);
     pthread_atfork(NULL, NULL, po_sampler_after_fork_child);
 
     rb_define_singleton_method(mNative, "_start", native_start, 3);

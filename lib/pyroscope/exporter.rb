@@ -20,7 +20,7 @@ module Pyroscope
                    auth_token: nil, basic_auth_username: nil, basic_auth_password: nil, tenant_id: nil,
                    http_headers: {}, tags: {}, upload_interval: 10, connect_timeout: 5, timeout: 10,
                    queue_max_windows: 12, queue_max_bytes: 64 << 20, max_attempts: 5, ca_file: nil,
-                   app_root: Dir.pwd)
+                   app_root: Dir.pwd, exit_timeout: 5)
       @app = check_app_name(application_name)
       @uri = check_server(server_address)
       @logger = logger
@@ -32,6 +32,7 @@ module Pyroscope
       Native._configure_transport(headers, ms(:connect_timeout, connect_timeout), ms(:timeout, timeout),
                                   Integer(queue_max_windows), Integer(queue_max_bytes), Integer(max_attempts),
                                   "pyroscope-otel/#{VERSION} ruby/#{RUBY_VERSION}", ca_file)
+      @exit_timeout = check_positive(:exit_timeout, exit_timeout)
       @gvl_ns = 0
       @mutex = Mutex.new
       @wake = ConditionVariable.new
@@ -45,6 +46,9 @@ module Pyroscope
         @stopping = false
         @thread = Thread.new { run }
         @thread.name = "pyroscope-exporter"
+        # the last, partial window goes out at exit too, with a bounded wait
+        at_exit { stop(timeout: @exit_timeout) if @thread } unless @at_exit
+        @at_exit = true
       end
     end
 

@@ -124,13 +124,14 @@ class ContractReceiver
     end
     record[:status] = status
     reply = status == 200 ? "" : JSON.generate(code: status, message: record[:problems].join("; "))
-    client.write("HTTP/1.1 #{status} X\r\nContent-Type: application/json\r\n#{extra}" \
-                 "Content-Length: #{reply.bytesize}\r\nConnection: close\r\n\r\n#{reply}")
+    # recorded before answering: once the client has its answer, the record is there
     @lock.synchronize do
       @violations.concat(record[:problems])
       @requests << record
       @arrived.broadcast
     end
+    client.write("HTTP/1.1 #{status} X\r\nContent-Type: application/json\r\n#{extra}" \
+                 "Content-Length: #{reply.bytesize}\r\nConnection: close\r\n\r\n#{reply}")
   end
 
   def check(method, target, headers, body)
