@@ -106,6 +106,16 @@ RSpec.describe Pyroscope::Exporter do
     expect(got.sum { |s| s[:cpu_ns] }).to eq(samples.sum { |s| s[2] })
   end
 
+  it "cuts label values past 2 048 bytes at a character boundary, global tags included" do
+    long = "é" * 1500 # 3 000 bytes
+    native._enqueue(window([[frames("A#b"), { "v" => long }, 1_000, 1]]), [100, Dir.pwd, [], { "tag" => long }],
+                    "#{receiver.url}/ingest?name=spec.app&from=#{Time.now.to_i}&until=#{Time.now.to_i + 10}" \
+                    "&format=pprof&sampleRate=100&spyName=rbspy", "#{receiver.url}/ingest")
+    receiver.wait_for(1)
+    expect(receiver.violations).to be_empty
+    expect(receiver.samples.first[:labels]).to eq("v" => "é" * 1024, "tag" => "é" * 1024)
+  end
+
   it "cuts stacks deeper than 1 000 frames" do
     deep = Array.new(1500) { |i| ["M#f#{i}", "/x.rb", i + 1] }
     enqueue(window([[deep, {}, 5_000, 1]]))

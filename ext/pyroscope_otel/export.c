@@ -10,7 +10,8 @@
  * What it applies, from SPEC §2.1: file names shortened (the app root stripped, "gems/..."
  * kept, Ruby's library prefixes stripped); label names sanitized to [A-Za-z0-9_.] (other
  * bytes become "_", empty names dropped, the first of duplicate names kept, sample labels
- * before global tags); stacks deeper than 1 000 frames cut to 999 and a "(truncated)" frame.
+ * before global tags) and cut at 1 024 bytes, values cut at 2 048 (at a UTF-8 boundary);
+ * stacks deeper than 1 000 frames cut to 999 and a "(truncated)" frame.
  * Raises only before the model exists (bad options); a model that ran out of memory is
  * freed and NULL returned.
  */
@@ -116,9 +117,18 @@ static uint32_t stack_span(struct build *b, VALUE frames)
 }
 
 /* Server label names: [A-Za-z0-9_.]; other bytes become "_". */
+/* the byte length of at most max bytes of p, not splitting a UTF-8 character */
+static long utf8_prefix(const char *p, long len, long max)
+{
+    if (len <= max) return len;
+    while (max > 0 && ((unsigned char)p[max] & 0xC0) == 0x80) max--;
+    return max;
+}
+
 static VALUE label_name(VALUE key)
 {
     VALUE k = rb_str_dup(rb_obj_as_string(key));
+    rb_str_set_len(k, utf8_prefix(RSTRING_PTR(k), RSTRING_LEN(k), 1024)); /* the server's name limit */
     char *p = RSTRING_PTR(k);
     for (long i = 0; i < RSTRING_LEN(k); i++) {
         char c = p[i];
@@ -139,7 +149,8 @@ static int add_label(VALUE k, VALUE v, VALUE arg)
     rb_hash_aset(a->seen, name, Qtrue);
     a->pairs[2 * a->n] = po_model_string(a->b->m, RSTRING_PTR(name), RSTRING_LEN(name));
     VALUE vs = rb_obj_as_string(v);
-    a->pairs[2 * a->n + 1] = po_model_string(a->b->m, RSTRING_PTR(vs), RSTRING_LEN(vs));
+    /* the server's value limit; the sampler's label sets are cut already, global tags not */
+    a->pairs[2 * a->n + 1] = po_model_string(a->b->m, RSTRING_PTR(vs), utf8_prefix(RSTRING_PTR(vs), RSTRING_LEN(vs), 2048));
     a->n++;
     return ST_CONTINUE;
 }
