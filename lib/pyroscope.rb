@@ -3,3 +3,5 @@
 require_relative "pyroscope/version"
 require_relative "pyroscope/native"
 require_relative "pyroscope/exporter"
+require_relative "pyroscope/config"
+require_relative "pyroscope/api"

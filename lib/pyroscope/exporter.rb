@@ -46,8 +46,10 @@ module Pyroscope
         @stopping = false
         @thread = Thread.new { run }
         @thread.name = "pyroscope-exporter"
-        # the last, partial window goes out at exit too, with a bounded wait
-        at_exit { stop(timeout: @exit_timeout) if @thread } unless @at_exit
+        # the last, partial window goes out at exit too, with a bounded wait; only from the
+        # process that started it (a forked child runs its parent's at_exit blocks too)
+        pid = Process.pid
+        at_exit { stop(timeout: @exit_timeout) if @thread && Process.pid == pid } unless @at_exit
         @at_exit = true
       end
     end

@@ -1,0 +1,217 @@
+# frozen_string_literal: true
+
+require "monitor"
+
+# The `pyroscope` gem's module functions, drop-in: configure, current_config, tags, stop,
+# shutdown. Tags live in each thread's label slot in the extension (through
+# Pyroscope::Native), so a tag is on exactly the samples taken while it is set.
+module Pyroscope
+  TAGS = :__pyroscope_tags # thread variable: the thread's tags, String => String
+  # frames between the user's call and Native.set_labels: the boundary stack is the user's
+  SKIP = { tag_wrapper: 3, add: 3, remove: 3 }.freeze
+
+  @lock = Monitor.new
+  @config = nil
+  @exporter = nil
+  @pid = nil
+
+  class << self
+    def configure
+      config = Config.new
+      yield config if block_given?
+      config.apply_env.validate!
+      @lock.synchronize do
+        exporter = build_exporter(config) # raises on a bad server_address, before anything changes
+        @exporter&.stop(timeout: 0)       # hands the current window to the queue, under the old settings
+        Native.stop if sampler_options(@config) != sampler_options(config)
+        Native.start(**sampler_options(config))
+        @config = config
+        @exporter = exporter
+        @pid = Process.pid
+        exporter.start
+        track_thread_ids(config.report_thread_id)
+        config.meaningless_settings.each do |member, value|
+          logger.debug("pyroscope: #{member} = #{value.inspect} has no meaning in-process; ignored")
+        end
+        at_exit { shutdown } unless @at_exit
+        @at_exit = true
+        config
+      end
+    end
+
+    def current_config
+      @config
+    end
+
+    # Stops sampling and hands the last window to the uploader, without waiting for it.
+    def stop
+      @lock.synchronize do
+        track_thread_ids(false)
+        Native.stop
+        @exporter&.stop(timeout: 0)
+        @exporter = nil
+      end
+      nil
+    end
+
+    # As stop, then waits (at most exit_timeout seconds) for pending windows to be sent.
+    def shutdown
+      timeout = @config&.exit_timeout || 0
+      stop
+      Native.flush(timeout) if @config
+      nil
+    end
+
+    def thread_id
+      Thread.current.native_thread_id
+    end
+
+    def tag_wrapper(tags)
+      previous = change_tags(Thread.current, tags, SKIP[:tag_wrapper])
+      yield
+    ensure
+      change_tags(Thread.current, previous, SKIP[:tag_wrapper]) if previous
+    end
+
+    # _add_tags(tags) for the calling thread (pyroscope-otel 0.2, pyroscope 1.x), or
+    # _add_tags(thread_id, tags) for the thread with that native id (0.1, 0.5–0.6).
+    def _add_tags(*args)
+      thread, tags = thread_and_tags(args, :_add_tags)
+      change_tags(thread, tags, SKIP[:add]) if thread
+      nil
+    end
+
+    def _remove_tags(*args)
+      thread, tags = thread_and_tags(args, :_remove_tags)
+      keys = tags.is_a?(Hash) ? tags.keys : Array(tags)
+      change_tags(thread, keys.to_h { |k| [k, nil] }, SKIP[:remove]) if thread
+      nil
+    end
+
+    def tag(tags)
+      deprecated(:tag, "tag_wrapper")
+      change_tags(Thread.current, tags, SKIP[:add])
+      nil
+    end
+
+    def remove_tags(*keys)
+      deprecated(:remove_tags, "tag_wrapper")
+      change_tags(Thread.current, keys.to_h { |k| [k, nil] }, SKIP[:remove])
+      nil
+    end
+
+    def logger
+      @logger ||= (@config || Config.new).effective_logger
+    end
+
+    private
+
+    def build_exporter(config)
+      @logger = config.effective_logger
+      tags = config.tags.to_h { |k, v| [k.to_s, v.to_s] }
+      tags["pid"] = Process.pid.to_s if config.report_pid
+      Exporter.new(
+        application_name: config.effective_name, server_address: config.server_address, logger: @logger,
+        sample_rate: config.sample_rate, auth_token: config.auth_token, basic_auth_username: config.basic_auth_username,
+        basic_auth_password: config.basic_auth_password, tenant_id: config.tenant_id, http_headers: config.http_headers,
+        tags: tags, upload_interval: config.upload_interval, connect_timeout: config.connect_timeout,
+        timeout: config.timeout, queue_max_windows: config.queue_max_windows, queue_max_bytes: config.queue_max_bytes,
+        exit_timeout: config.exit_timeout
+      )
+    end
+
+    def sampler_options(config)
+      config && { sample_rate: config.sample_rate, max_depth: config.max_depth, max_samples: config.max_samples }
+    end
+
+    # Merges `tags` into the thread's tags (a nil value removes the key) and writes the
+    # result to its slot. Returns the previous values of the keys it changed (nil for
+    # absent), which restore them when passed back.
+    def change_tags(thread, tags, skip)
+      raise ArgumentError, "tags must be a Hash, got #{tags.inspect}" unless tags.is_a?(Hash)
+
+      current = thread.thread_variable_get(TAGS) || {}
+      previous = {}
+      updated = current.dup
+      tags.each do |k, v|
+        key = k.to_s
+        previous[key] = current[key]
+        v.nil? ? updated.delete(key) : updated[key] = v.to_s
+      end
+      write(thread, updated, skip)
+      previous
+    end
+
+    def write(thread, labels, skip)
+      if thread == Thread.current
+        Native.set_labels(labels, skip)
+      else
+        Native.set_thread_labels(thread.native_thread_id, labels)
+      end
+      thread.thread_variable_set(TAGS, labels.freeze)
+    end
+
+    def thread_and_tags(args, name)
+      case args
+      in [Hash => tags] then [Thread.current, tags]
+      in [Integer => id, tags] then [Thread.list.find { |t| t.native_thread_id == id }, tags]
+      in [Integer => id] then [Thread.list.find { |t| t.native_thread_id == id }, {}]
+      else raise ArgumentError, "#{name}(tags) or #{name}(thread_id, tags): got #{args.inspect}"
+      end
+    end
+
+    def track_thread_ids(enabled)
+      @thread_id_tracker&.disable
+      @thread_id_tracker = nil
+      return unless enabled
+
+      Thread.list.each { |t| change_tags(t, { "thread_id" => t.native_thread_id }, 0) if t.native_thread_id }
+      @thread_id_tracker = TracePoint.new(:thread_begin) { change_tags(Thread.current, { "thread_id" => thread_id }, 0) }
+      @thread_id_tracker.enable
+    end
+
+    def deprecated(name, instead)
+      @warned ||= {}
+      return if @warned[name]
+
+      @warned[name] = true
+      # not category: :deprecated, which Ruby silences by default: upstream's warning was visible
+      warn "Pyroscope.#{name} is deprecated; use Pyroscope.#{instead}", uplevel: 2
+    end
+
+    # The child of a fork: the extension stopped itself (no timer survives fork) and forgot
+    # the parent's window and queue; this starts the child's own profiling and uploads.
+    def after_fork
+      @lock = Monitor.new
+      return unless @config && @exporter && @pid != Process.pid
+
+      @exporter = build_exporter(@config)
+      @pid = Process.pid
+      Native.start(**sampler_options(@config))
+      @exporter.start
+    end
+  end
+
+  # Process._fork is what every fork goes through (Kernel#fork, Process.fork, IO.popen("-"))
+  # since Ruby 3.1.
+  module ForkHook
+    def _fork
+      pid = super
+      Pyroscope.send(:after_fork) if pid.zero?
+      pid
+    end
+  end
+  Process.singleton_class.prepend(ForkHook)
+
+  # A timer signal still pending at exec would reach the new program, whose default
+  # action for SIGPROF is to die: the timers go before exec does.
+  module ExecHook
+    def exec(*args, **opts)
+      Pyroscope::Native.stop
+      super
+    end
+  end
+  Kernel.prepend(ExecHook)
+  Kernel.singleton_class.prepend(ExecHook)
+  Process.singleton_class.prepend(ExecHook)
+end
