@@ -11,22 +11,26 @@ require "zlib"
 module PprofDecoder
   PROTO = File.expand_path("../../ext/pyroscope_otel/proto/profile.proto", __dir__)
 
+  LOCK = Mutex.new # receiver threads decode concurrently; the pool takes the file once
+
   module_function
 
   def profile_class
-    @profile_class ||= begin
-      out = File.join(Dir.mktmpdir("pprof-desc"), "profile.desc")
-      system("protoc", "--proto_path=#{File.dirname(PROTO)}", "--descriptor_set_out=#{out}", File.basename(PROTO),
-             exception: true)
-      pool = Google::Protobuf::DescriptorPool.generated_pool # message classes need this pool
-      Google::Protobuf::FileDescriptorSet.decode(File.binread(out)).file.each do |file|
-        pool.add_serialized_file(Google::Protobuf::FileDescriptorProto.encode(file))
-        # as generated code does: every message class made up front, or repeated fields
-        # of message type cannot be read
-        file.message_type.each { |m| pool.lookup("#{file.package}.#{m.name}").msgclass }
-      end
-      pool.lookup("perftools.profiles.Profile").msgclass
+    LOCK.synchronize { @profile_class ||= load_profile_class }
+  end
+
+  def load_profile_class
+    out = File.join(Dir.mktmpdir("pprof-desc"), "profile.desc")
+    system("protoc", "--proto_path=#{File.dirname(PROTO)}", "--descriptor_set_out=#{out}", File.basename(PROTO),
+           exception: true)
+    pool = Google::Protobuf::DescriptorPool.generated_pool # message classes need this pool
+    Google::Protobuf::FileDescriptorSet.decode(File.binread(out)).file.each do |file|
+      pool.add_serialized_file(Google::Protobuf::FileDescriptorProto.encode(file))
+      # as generated code does: every message class made up front, or repeated fields
+      # of message type cannot be read
+      file.message_type.each { |m| pool.lookup("#{file.package}.#{m.name}").msgclass }
     end
+    pool.lookup("perftools.profiles.Profile").msgclass
   end
 
   def decode(raw)
