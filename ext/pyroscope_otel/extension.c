@@ -93,16 +93,22 @@ static pid_t tid_arg(VALUE tid)
     return (pid_t)v;
 }
 
-/* set_thread_labels(native_thread_id, hash_or_nil): another thread's slot. Its stack is
- * not ours to walk, so its CPU since its last sample goes to the new labels. */
-static VALUE native_set_thread_labels(VALUE self, VALUE tid, VALUE labels)
+/* set_thread_labels(thread, hash_or_nil): another thread's slot (a Thread, or its native
+ * thread id). Its stack is not ours to walk, so its CPU since its last sample goes to the
+ * new labels. */
+static VALUE native_set_thread_labels(VALUE self, VALUE thread, VALUE labels)
 {
-    (void)self;
+    VALUE tid = rb_obj_is_kind_of(thread, rb_cThread) ? rb_funcall(thread, rb_intern("native_thread_id"), 0) : thread;
+    if (NIL_P(tid)) return Qfalse; /* not started, or exited */
     pid_t id = tid_arg(tid);
     po_thread *mine = po_thread_current(1);
-    if (mine && mine->tid == id) return native_set_labels(1, &labels, self);
+    if (mine && mine->tid == id) return native_set_labels(1, &labels, self), Qtrue;
     po_labelset *ls = po_labelset_from_hash(labels);
     po_thread *t = po_thread_by_tid(id, 1);
+#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
+    /* bound, so that its exit frees the entry (3.3+ finds entries by Ruby thread) */
+    if (t && rb_obj_is_kind_of(thread, rb_cThread)) po_thread_bind(thread, t);
+#endif
     po_lock();
     if (!t || t->tid != id) { /* no room, or the thread exited meanwhile */
         po_labelset_unref(ls);

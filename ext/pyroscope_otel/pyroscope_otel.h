@@ -78,11 +78,15 @@ typedef struct po_thread {
 
 extern po_thread po_threads[PO_MAX_THREADS];
 
-po_thread *po_thread_current(int create);        /* GVL or NOGVL, the calling thread */
+po_thread *po_thread_current(int create);        /* GVL (3.1/3.2: also NOGVL), the calling thread */
 po_thread *po_thread_by_tid(pid_t tid, int create);
-po_thread *po_thread_for(VALUE thread, int create); /* GVL */
+void po_thread_keys_init(void);
+#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
+po_thread *po_thread_of(VALUE thread);            /* any context: the entry bound to a Ruby thread */
+void po_thread_bind(VALUE thread, po_thread *t);
+#endif
 void po_thread_release(po_thread *t);             /* under po_lock: timer, labels, slot */
-void po_thread_forget_current(void);              /* the calling thread is exiting */
+void po_thread_forget_current(void);              /* 3.1/3.2: the calling thread is exiting */
 void po_threads_after_fork_child(void);
 uint64_t po_thread_cpu_ns(pid_t tid);             /* HANDLER-safe */
 clockid_t po_thread_clock(pid_t tid);

@@ -127,10 +127,15 @@ void po_sampler_register_current(void)
     po_unlock();
 }
 
-static void register_tid(pid_t tid)
+static void register_thread(VALUE thread, pid_t tid)
 {
     po_thread *t = po_thread_by_tid(tid, 1);
     if (!t) return;
+#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
+    po_thread_bind(thread, t);
+#else
+    (void)thread;
+#endif
     po_lock();
     register_locked(t, 0);
     po_unlock();
@@ -180,7 +185,7 @@ static VALUE register_each_thread(RB_BLOCK_CALL_FUNC_ARGLIST(thread, arg))
         po_sampler_register_current();
     } else {
         VALUE tid = rb_funcall(thread, rb_intern("native_thread_id"), 0);
-        if (!NIL_P(tid)) register_tid((pid_t)NUM2INT(tid));
+        if (!NIL_P(tid)) register_thread(thread, (pid_t)NUM2INT(tid));
     }
     return Qnil;
 }

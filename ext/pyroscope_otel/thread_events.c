@@ -2,7 +2,9 @@
  * thread_events.c — learning when threads start, exit, take and release the GVL.
  * The one file with per-Ruby-version paths (chosen by extconf's have_func, not by version):
  *
- * Ruby >= 3.2 (rb_internal_thread_add_event_hook):
+ * Ruby >= 3.2 (rb_internal_thread_add_event_hook). On 3.3+ a hook may run on another
+ * native thread than the one it is about, so it finds the entry through the event's
+ * Ruby thread (thread_state.c); on 3.2 (no event_data->thread) it runs on the thread.
  *   RESUMED   (GVL held, on the thread): marks the thread as holding the GVL and, the first
  *             time a thread runs while profiling, gives it its CPU timer.
  *   SUSPENDED (on the thread, just before it releases the GVL; may repeat on 3.2): marks it
@@ -36,30 +38,50 @@
 
 static rb_internal_thread_event_hook_t *gvl_hook, *exit_hook;
 
+/* the entry of the thread an event is about, or NULL */
+static po_thread *event_thread(const rb_internal_thread_event_data_t *data)
+{
+#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
+    po_thread *t = po_thread_of(data->thread);
+    return t && t->tid ? t : NULL;
+#else
+    (void)data;
+    return po_thread_current(0);
+#endif
+}
+
 static void on_gvl_event(rb_event_flag_t event, const rb_internal_thread_event_data_t *data, void *arg)
 {
-    (void)data;
     (void)arg;
-    if (event == RUBY_INTERNAL_THREAD_EVENT_RESUMED) {
-        po_thread *t = po_thread_current(0);
+    po_thread *t = event_thread(data);
+    if (event == RUBY_INTERNAL_THREAD_EVENT_RESUMED) { /* holds the GVL, on the thread itself */
         if (t && t->has_timer) t->holds_gvl = 1;
         else if (po_running) po_sampler_register_current();
-    } else {
-        po_thread *t = po_thread_current(0);
-        if (t) t->holds_gvl = 0;
+    } else if (t) {
+        t->holds_gvl = 0;
     }
 }
 
 static void on_exit_event(rb_event_flag_t event, const rb_internal_thread_event_data_t *data, void *arg)
 {
     (void)event;
-    (void)data;
     (void)arg;
+#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
+    po_thread *t = po_thread_of(data->thread);
+    po_thread_bind(data->thread, NULL);
+    if (!t) return;
+    po_lock();
+    if (t->tid) po_thread_release(t);
+    po_unlock();
+#else
+    (void)data;
     po_thread_forget_current();
+#endif
 }
 
 void po_thread_events_init(void)
 {
+    po_thread_keys_init();
     exit_hook = rb_internal_thread_add_event_hook(on_exit_event, RUBY_INTERNAL_THREAD_EVENT_EXITED, NULL);
 }
 

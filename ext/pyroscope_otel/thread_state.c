@@ -8,10 +8,15 @@
  * released when the thread exits (thread_events.c) or a fork leaves it behind. Entries are
  * reused, so the handler checks that the entry's tid is its own before using it.
  *
+ * Finding a thread's entry: the handler by index (above); Ruby >= 3.3 by the Ruby thread,
+ * through rb_internal_thread_specific_* (its thread event hooks may run on another native
+ * thread than the thread they are about, so nothing native-thread-local would do);
+ * Ruby 3.1 and 3.2 through a thread-local cache, their hooks running on the thread itself.
+ * Either way the entry's tid is checked on use, since entries are reused (and Ruby's thread
+ * cache reuses a native thread for a later Ruby thread).
+ *
  * Contexts: lookups and claims run on the GVL or, for exiting threads on Ruby >= 3.2,
- * NOGVL; every change to an entry's fields happens under po_lock. The thread-local cache
- * is only a shortcut and is validated against the tid on each use (Ruby's thread cache
- * reuses a native thread for a later Ruby thread).
+ * NOGVL; every change to an entry's fields happens under po_lock.
  */
 #include "pyroscope_otel.h"
 #include <errno.h>
@@ -25,6 +30,28 @@ static int high_water; /* entries at or above it have never been used */
 
 static __thread po_thread *tls_self;
 static __thread pid_t tls_tid;
+
+#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
+#include <ruby/thread.h>
+static rb_internal_thread_specific_key_t slot_key;
+
+void po_thread_keys_init(void)
+{
+    slot_key = rb_internal_thread_specific_key_create();
+}
+
+po_thread *po_thread_of(VALUE thread)
+{
+    return rb_internal_thread_specific_get(thread, slot_key);
+}
+
+void po_thread_bind(VALUE thread, po_thread *t)
+{
+    rb_internal_thread_specific_set(thread, slot_key, t);
+}
+#else
+void po_thread_keys_init(void) {}
+#endif
 
 pid_t po_gettid(void)
 {
@@ -82,18 +109,19 @@ po_thread *po_thread_by_tid(pid_t tid, int create)
 po_thread *po_thread_current(int create)
 {
     if (!tls_tid) tls_tid = po_gettid();
+#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
+    VALUE thread = rb_thread_current();
+    po_thread *t = po_thread_of(thread);
+    if (t && t->tid == tls_tid) return t;
+    t = po_thread_by_tid(tls_tid, create);
+    if (t) po_thread_bind(thread, t);
+#else
     po_thread *t = tls_self;
     if (t && t->tid == tls_tid) return t;
     t = po_thread_by_tid(tls_tid, create);
+#endif
     tls_self = t;
     return t;
-}
-
-po_thread *po_thread_for(VALUE thread, int create)
-{
-    if (thread == rb_thread_current()) return po_thread_current(create);
-    VALUE tid = rb_funcall(thread, rb_intern("native_thread_id"), 0);
-    return NIL_P(tid) ? NULL : po_thread_by_tid(NUM2INT(tid), create);
 }
 
 void po_thread_release(po_thread *t)

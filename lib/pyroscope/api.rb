@@ -146,7 +146,7 @@ module Pyroscope
       if thread == Thread.current
         Native.set_labels(labels, skip)
       else
-        Native.set_thread_labels(thread.native_thread_id, labels)
+        Native.set_thread_labels(thread, labels)
       end
       thread.thread_variable_set(TAGS, labels.freeze)
     end
