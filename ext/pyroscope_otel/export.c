@@ -117,18 +117,10 @@ static uint32_t stack_span(struct build *b, VALUE frames)
 }
 
 /* Server label names: [A-Za-z0-9_.]; other bytes become "_". */
-/* the byte length of at most max bytes of p, not splitting a UTF-8 character */
-static long utf8_prefix(const char *p, long len, long max)
-{
-    if (len <= max) return len;
-    while (max > 0 && ((unsigned char)p[max] & 0xC0) == 0x80) max--;
-    return max;
-}
-
 static VALUE label_name(VALUE key)
 {
     VALUE k = rb_str_dup(rb_obj_as_string(key));
-    rb_str_set_len(k, utf8_prefix(RSTRING_PTR(k), RSTRING_LEN(k), 1024)); /* the server's name limit */
+    rb_str_set_len(k, po_utf8_prefix(RSTRING_PTR(k), RSTRING_LEN(k), PO_MAX_KEY_BYTES));
     char *p = RSTRING_PTR(k);
     for (long i = 0; i < RSTRING_LEN(k); i++) {
         char c = p[i];
@@ -150,7 +142,7 @@ static int add_label(VALUE k, VALUE v, VALUE arg)
     a->pairs[2 * a->n] = po_model_string(a->b->m, RSTRING_PTR(name), RSTRING_LEN(name));
     VALUE vs = rb_obj_as_string(v);
     /* the server's value limit; the sampler's label sets are cut already, global tags not */
-    a->pairs[2 * a->n + 1] = po_model_string(a->b->m, RSTRING_PTR(vs), utf8_prefix(RSTRING_PTR(vs), RSTRING_LEN(vs), 2048));
+    a->pairs[2 * a->n + 1] = po_model_string(a->b->m, RSTRING_PTR(vs), po_utf8_prefix(RSTRING_PTR(vs), RSTRING_LEN(vs), PO_MAX_VALUE_BYTES));
     a->n++;
     return ST_CONTINUE;
 }
@@ -160,8 +152,8 @@ static uint32_t label_span(struct build *b, VALUE labels)
     st_data_t idx;
     if (st_lookup(b->labels, (st_data_t)labels, &idx)) return (uint32_t)idx;
     Check_Type(labels, T_HASH);
-    uint32_t pairs[2 * 100];
-    struct label_acc a = { b, rb_hash_new(), pairs, 0, 100 };
+    uint32_t pairs[2 * PO_MAX_LABELS];
+    struct label_acc a = { b, rb_hash_new(), pairs, 0, PO_MAX_LABELS };
     rb_hash_foreach(labels, add_label, (VALUE)&a);
     if (!NIL_P(b->tags)) rb_hash_foreach(b->tags, add_label, (VALUE)&a);
     uint32_t span = push_span(b, pairs, 2 * a.n);

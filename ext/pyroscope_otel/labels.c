@@ -15,9 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PO_MAX_LABELS 100      /* the server's labels-per-sample limit */
-#define PO_MAX_KEY_BYTES 1024  /* the server's label name limit */
-#define PO_MAX_VALUE_BYTES 2048 /* the server's label value limit */
 
 static po_labelset **intern_buckets;
 static size_t intern_mask, intern_count;
@@ -31,13 +28,11 @@ static uint64_t fnv1a(uint64_t h, const char *p, size_t n)
     return h;
 }
 
-/* Cut at a UTF-8 character boundary so that a cut value stays valid text. */
-static long utf8_cut(const char *p, long len, long max)
+long po_utf8_prefix(const char *p, long len, long max)
 {
     if (len <= max) return len;
-    long n = max;
-    while (n > 0 && ((unsigned char)p[n] & 0xC0) == 0x80) n--;
-    return n;
+    while (max > 0 && ((unsigned char)p[max] & 0xC0) == 0x80) max--;
+    return max;
 }
 
 static VALUE label_key(VALUE k)
@@ -162,8 +157,8 @@ po_labelset *po_labelset_from_hash(VALUE hash)
     char *p = (char *)&ls->pairs[c.n];
     for (long i = 0; i < c.n; i++) {
         VALUE ks = RARRAY_AREF(c.strs, 2 * i), vs = RARRAY_AREF(c.strs, 2 * i + 1);
-        long kl = utf8_cut(RSTRING_PTR(ks), RSTRING_LEN(ks), PO_MAX_KEY_BYTES);
-        long vl = utf8_cut(RSTRING_PTR(vs), RSTRING_LEN(vs), PO_MAX_VALUE_BYTES);
+        long kl = po_utf8_prefix(RSTRING_PTR(ks), RSTRING_LEN(ks), PO_MAX_KEY_BYTES);
+        long vl = po_utf8_prefix(RSTRING_PTR(vs), RSTRING_LEN(vs), PO_MAX_VALUE_BYTES);
         po_label *l = &ls->pairs[i];
         memcpy(p, RSTRING_PTR(ks), kl); p[kl] = 0; l->key = p; l->key_len = kl; p += kl + 1;
         memcpy(p, RSTRING_PTR(vs), vl); p[vl] = 0; l->value = p; l->value_len = vl; p += vl + 1;

@@ -36,6 +36,9 @@ void po_unlock(void);
 void po_lock_reset_after_fork(void);
 
 /* ---- labels.c: immutable, interned, reference-counted label sets ---------------- */
+#define PO_MAX_LABELS 100       /* the server's labels-per-sample limit */
+#define PO_MAX_KEY_BYTES 1024   /* the server's label name limit */
+#define PO_MAX_VALUE_BYTES 2048 /* the server's label value limit */
 typedef struct po_label {
     const char *key, *value;
     uint32_t key_len, value_len;
@@ -56,6 +59,8 @@ VALUE po_labelset_to_hash(const po_labelset *ls); /* GVL */
 void po_labelset_ref(po_labelset *ls);            /* under po_lock; NULL ok */
 void po_labelset_unref(po_labelset *ls);          /* under po_lock; NULL ok; may free */
 size_t po_labelset_live_count(void);              /* under po_lock */
+/* the length of at most max bytes of p that does not split a UTF-8 character */
+long po_utf8_prefix(const char *p, long len, long max);
 
 /* ---- thread_state.c: the table of known threads -------------------------------- */
 typedef struct po_thread {
