@@ -53,6 +53,11 @@ static VALUE native_take_window(VALUE self)
     return po_take_window();
 }
 
+static VALUE build_labelset(VALUE labels)
+{
+    return (VALUE)po_labelset_from_hash(labels);
+}
+
 /* set_labels(hash_or_nil, skip_frames = 0): replace the calling thread's labels. The CPU
  * used since its last sample goes to the old labels, with the stack minus skip_frames
  * frames above this call (the caller's own helper frames). */
@@ -65,8 +70,14 @@ static VALUE native_set_labels(int argc, VALUE *argv, VALUE self)
     if (s < 0 || s >= PO_MAX_SKIP) rb_raise(rb_eArgError, "skip_frames must be 0..%d, got %d", PO_MAX_SKIP - 1, s);
     po_thread *t = po_thread_current(1);
     if (!t) rb_raise(rb_eRuntimeError, "pyroscope: more than %d threads carry labels", PO_MAX_THREADS);
-    po_labelset *ls = po_labelset_from_hash(labels); /* may raise: before any state changes */
-    po_switch_labels(t, ls, s + 1 /* this C function's own frame */);
+    t->switching = 1; /* cleared by po_switch_labels, or here if building the set raises */
+    int state = 0;
+    VALUE ls = rb_protect(build_labelset, labels, &state);
+    if (state) {
+        t->switching = 0;
+        rb_jump_tag(state);
+    }
+    po_switch_labels(t, (po_labelset *)ls, s + 1 /* this C function's own frame */);
     return Qnil;
 }
 

@@ -68,6 +68,7 @@ typedef struct po_thread {
     volatile int holds_gvl; /* Ruby >= 3.2: kept by the GVL hooks */
     int has_timer;
     int excluded;           /* the gem's own Ruby threads: never given a timer */
+    volatile int switching; /* inside a label change: its own samples are deferred to it */
     timer_t timer;
     uint64_t last_cpu_ns;   /* CPU time already accounted; under po_lock */
     po_labelset *labels;    /* the label slot; under po_lock */

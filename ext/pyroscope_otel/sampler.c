@@ -47,6 +47,12 @@ po_agg *po_agg_buffers(void)
 
 void po_sample_from_handler(po_thread *t)
 {
+    /* A sample inside a label change would show the binding as the leaf and take the
+     * CPU of the work before it; deferred, that CPU goes with the change's own charge. */
+    if (t->switching) {
+        __atomic_add_fetch(&po_stat_skipped_busy, 1, __ATOMIC_RELAXED);
+        return;
+    }
     if (!po_current_thread_holds_gvl(t)) {
         __atomic_add_fetch(&po_stat_skipped_off_gvl, 1, __ATOMIC_RELAXED);
         return;
@@ -101,6 +107,7 @@ void po_switch_labels(po_thread *t, po_labelset *labels, int skip)
     t->labels = labels;
     t->last_agg = NULL;
     t->label_changes++;
+    t->switching = 0;
     po_labelset_unref(old);
     po_unlock();
 }
