@@ -183,6 +183,8 @@ RSpec.describe "Pyroscope::Native sampler" do
 
   it "samples threads that start and exit while profiling, and forgets them after" do
     baseline = native.stats[:threads]
+    # other specs' threads (killed receivers) may still be on their way out: not more than before
+    label_sets = native.stats[:label_sets]
     native.start
     measured = Queue.new
     5.times do |wave|
@@ -203,10 +205,11 @@ RSpec.describe "Pyroscope::Native sampler" do
     total = Array.new(measured.size) { measured.pop }.sum
     expect(cpu.values.sum / 1e9).to be_within(0.1 * total).of(total)
     expect(native.stats[:threads]).to be <= baseline + 1
-    expect(native.stats[:label_sets]).to eq(0)
+    expect(native.stats[:label_sets]).to be <= label_sets
   end
 
   it "keeps labels consistent when many threads set and clear them at once" do
+    label_sets = native.stats[:label_sets]
     native.start(sample_rate: 1000)
     methods = 8.times.map do |i|
       name = "labelled_#{i}"
@@ -231,7 +234,7 @@ RSpec.describe "Pyroscope::Native sampler" do
       others = methods - ["labelled_#{labels["thread"]}"]
       expect(others.none? { |m| on_stack?(frames, m) }).to be(true), "thread #{labels["thread"]} sample on #{frame_names(frames).first(3)}"
     end
-    expect(native.stats[:label_sets]).to eq(0)
+    expect(native.stats[:label_sets]).to be <= label_sets
   end
 
   it "truncates stacks deeper than max_depth with a visible marker" do

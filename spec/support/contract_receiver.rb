@@ -49,7 +49,7 @@ class ContractReceiver
   def close
     @server.close unless @server.closed?
     @acceptor&.join
-    @threads.each(&:kill)
+    @threads.each { |t| t.kill.join(1) }
   end
 
   # Waits until `count` requests were answered 2xx; returns them.
