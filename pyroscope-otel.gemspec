@@ -21,4 +21,7 @@ Gem::Specification.new do |spec|
   spec.executables = Dir["exe/*"].map { |f| File.basename(f) }
   spec.require_paths = ["lib"]
   spec.extensions = ["ext/pyroscope_otel/extconf.rb"]
+
+  spec.add_dependency "opentelemetry-api", "~> 1.0"
+  spec.add_dependency "opentelemetry-sdk", "~> 1.0"
 end

@@ -11,7 +11,10 @@ RSpec.describe Pyroscope do
   after do
     described_class.shutdown
     receiver.close
-    Thread.current.thread_variable_set(Pyroscope::TAGS, nil) # tags outlive shutdown, as in the pyroscope gem
+    # tags outlive shutdown, as in the pyroscope gem
+    Pyroscope::Native.set_labels(nil)
+    Thread.current.thread_variable_set(Pyroscope::THREAD_TAGS, nil)
+    Pyroscope::Native.set_thread_labels(Thread.current, nil)
   end
 
   def configure(**members)

@@ -16,6 +16,7 @@ static void roots_mark(void *p)
 {
     (void)p;
     po_windows_mark();
+    po_label_slots_mark();
 }
 
 static const rb_data_type_t roots_type = {
@@ -53,85 +54,11 @@ static VALUE native_take_window(VALUE self)
     return po_take_window();
 }
 
-static VALUE build_labelset(VALUE labels)
-{
-    return (VALUE)po_labelset_from_hash(labels);
-}
-
-/* set_labels(hash_or_nil, skip_frames = 0): replace the calling thread's labels. The CPU
- * used since its last sample goes to the old labels, with the stack minus skip_frames
- * frames above this call (the caller's own helper frames). */
-static VALUE native_set_labels(int argc, VALUE *argv, VALUE self)
+static VALUE native_set_own_paths(VALUE self, VALUE paths)
 {
     (void)self;
-    VALUE labels, skip;
-    rb_scan_args(argc, argv, "11", &labels, &skip);
-    int s = NIL_P(skip) ? 0 : NUM2INT(skip);
-    if (s < 0 || s >= PO_MAX_SKIP) rb_raise(rb_eArgError, "skip_frames must be 0..%d, got %d", PO_MAX_SKIP - 1, s);
-    po_thread *t = po_thread_current(1);
-    if (!t) rb_raise(rb_eRuntimeError, "pyroscope: more than %d threads carry labels", PO_MAX_THREADS);
-    t->switching = 1; /* cleared by po_switch_labels, or here if building the set raises */
-    int state = 0;
-    VALUE ls = rb_protect(build_labelset, labels, &state);
-    if (state) {
-        t->switching = 0;
-        rb_jump_tag(state);
-    }
-    po_switch_labels(t, (po_labelset *)ls, s + 1 /* this C function's own frame */);
-    return Qnil;
-}
-
-static VALUE native_labels(VALUE self)
-{
-    (void)self;
-    po_thread *t = po_thread_current(0);
-    if (!t) return rb_hash_new();
-    po_lock();
-    po_labelset *ls = t->labels;
-    po_labelset_ref(ls);
-    po_unlock();
-    VALUE h = po_labelset_to_hash(ls);
-    po_lock();
-    po_labelset_unref(ls);
-    po_unlock();
-    return h;
-}
-
-static pid_t tid_arg(VALUE tid)
-{
-    long v = NUM2LONG(tid);
-    if (v <= 0 || v > INT32_MAX) rb_raise(rb_eArgError, "not a native thread id: %ld", v);
-    return (pid_t)v;
-}
-
-/* set_thread_labels(thread, hash_or_nil): another thread's slot (a Thread, or its native
- * thread id). Its stack is not ours to walk, so its CPU since its last sample goes to the
- * new labels. */
-static VALUE native_set_thread_labels(VALUE self, VALUE thread, VALUE labels)
-{
-    VALUE tid = rb_obj_is_kind_of(thread, rb_cThread) ? rb_funcall(thread, rb_intern("native_thread_id"), 0) : thread;
-    if (NIL_P(tid)) return Qfalse; /* not started, or exited */
-    pid_t id = tid_arg(tid);
-    po_thread *mine = po_thread_current(1);
-    if (mine && mine->tid == id) return native_set_labels(1, &labels, self), Qtrue;
-    po_labelset *ls = po_labelset_from_hash(labels);
-    po_thread *t = po_thread_by_tid(id, 1);
-#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
-    /* bound, so that its exit frees the entry (3.3+ finds entries by Ruby thread) */
-    if (t && rb_obj_is_kind_of(thread, rb_cThread)) po_thread_bind(thread, t);
-#endif
-    po_lock();
-    if (!t || t->tid != id) { /* no room, or the thread exited meanwhile */
-        po_labelset_unref(ls);
-        po_unlock();
-        return Qfalse;
-    }
-    po_labelset *old = t->labels;
-    t->labels = ls;
-    t->label_changes++;
-    po_labelset_unref(old);
-    po_unlock();
-    return Qtrue;
+    po_stack_set_own_paths(paths);
+    return paths;
 }
 
 static VALUE native_stats(VALUE self)
@@ -212,12 +139,11 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
     rb_define_singleton_method(mNative, "stop", native_stop, 0);
     rb_define_singleton_method(mNative, "running?", native_running_p, 0);
     rb_define_singleton_method(mNative, "take_window", native_take_window, 0);
-    rb_define_singleton_method(mNative, "set_labels", native_set_labels, -1);
-    rb_define_singleton_method(mNative, "labels", native_labels, 0);
-    rb_define_singleton_method(mNative, "set_thread_labels", native_set_thread_labels, 2);
     rb_define_singleton_method(mNative, "stats", native_stats, 0);
+    rb_define_singleton_method(mNative, "own_paths=", native_set_own_paths, 1);
     rb_define_singleton_method(mNative, "thread_cpu_ns", native_thread_cpu_ns, 0);
     rb_define_singleton_method(mNative, "exclude_current_thread", native_exclude_current_thread, 0);
     rb_define_const(mNative, "MAX_THREADS", INT2NUM(PO_MAX_THREADS));
     po_export_binding_init(mNative);
+    po_label_slots_init(mNative);
 }

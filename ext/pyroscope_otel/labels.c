@@ -118,6 +118,39 @@ static po_labelset *intern(po_labelset *cand)
     return cand;
 }
 
+/* Hashes and interns a filled, sorted set; returns a new reference (maybe to its twin). */
+static po_labelset *seal(po_labelset *ls)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (uint32_t i = 0; i < ls->count; i++) {
+        h = fnv1a(h, ls->pairs[i].key, ls->pairs[i].key_len + 1);
+        h = fnv1a(h, ls->pairs[i].value, ls->pairs[i].value_len + 1);
+    }
+    ls->hash = h;
+    po_lock();
+    po_labelset *got = intern(ls);
+    po_unlock();
+    if (got != ls) free(ls);
+    return got;
+}
+
+static int find_key(const po_labelset *ls, const po_label *l)
+{
+    return bsearch(l, ls->pairs, ls->count, sizeof(po_label), cmp_label) != NULL;
+}
+
+static char *copy_pair(po_label *to, const po_label *from, char *p)
+{
+    memcpy(p, from->key, from->key_len + 1);
+    to->key = p;
+    to->key_len = from->key_len;
+    p += from->key_len + 1;
+    memcpy(p, from->value, from->value_len + 1);
+    to->value = p;
+    to->value_len = from->value_len;
+    return p + from->value_len + 1;
+}
+
 /* String key -> String value, so that "a" and :a are one key and the later one wins,
  * as in a Hash merge. */
 static int collect_pair(VALUE k, VALUE v, VALUE strs)
@@ -166,20 +199,45 @@ po_labelset *po_labelset_from_hash(VALUE hash)
     RB_GC_GUARD(c.strs);
     RB_GC_GUARD(strs);
     qsort(ls->pairs, c.n, sizeof(po_label), cmp_label);
-    uint32_t n = (uint32_t)c.n;
-    ls->count = n;
-    uint64_t h = 0xcbf29ce484222325ULL;
-    for (uint32_t i = 0; i < n; i++) {
-        h = fnv1a(h, ls->pairs[i].key, ls->pairs[i].key_len + 1);
-        h = fnv1a(h, ls->pairs[i].value, ls->pairs[i].value_len + 1);
-    }
-    ls->hash = h;
+    ls->count = (uint32_t)c.n;
+    return seal(ls);
+}
 
+/* Merge of two sorted sets; on a shared key `over` wins. At most PO_MAX_LABELS pairs:
+ * `over`'s first, then `base`'s in key order. */
+po_labelset *po_labelset_merge(const po_labelset *base, const po_labelset *over)
+{
     po_lock();
-    po_labelset *got = intern(ls);
+    if (!base || !over) {
+        po_labelset *one = over ? (po_labelset *)over : (po_labelset *)base;
+        po_labelset_ref(one);
+        po_unlock();
+        return one;
+    }
     po_unlock();
-    if (got != ls) free(ls);
-    return got;
+    uint32_t n = 0, from_base = 0;
+    size_t bytes = 0;
+    for (uint32_t i = 0; i < over->count; i++, n++)
+        bytes += over->pairs[i].key_len + over->pairs[i].value_len + 2;
+    for (uint32_t i = 0; i < base->count && n < PO_MAX_LABELS; i++) {
+        if (find_key(over, &base->pairs[i])) continue;
+        bytes += base->pairs[i].key_len + base->pairs[i].value_len + 2;
+        n++;
+        from_base++;
+    }
+    po_labelset *ls = malloc(sizeof(*ls) + n * sizeof(po_label) + bytes);
+    if (!ls) return NULL;
+    char *p = (char *)&ls->pairs[n];
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < over->count; i++) p = copy_pair(&ls->pairs[k++], &over->pairs[i], p);
+    for (uint32_t i = 0; i < base->count && from_base; i++) {
+        if (find_key(over, &base->pairs[i])) continue;
+        p = copy_pair(&ls->pairs[k++], &base->pairs[i], p);
+        from_base--;
+    }
+    qsort(ls->pairs, k, sizeof(po_label), cmp_label);
+    ls->count = k;
+    return seal(ls);
 }
 
 VALUE po_labelset_to_hash(const po_labelset *ls)

@@ -27,7 +27,7 @@
 
 #define PO_MAX_THREADS 4096
 #define PO_MAX_DEPTH_LIMIT 4096
-#define PO_MAX_SKIP 64 /* frames a label change may skip above its caller */
+#define PO_MAX_SKIP 64 /* own frames a label change may trim above its caller */
 
 /* ---- lock.c ---------------------------------------------------------------------- */
 void po_lock(void);
@@ -55,6 +55,9 @@ typedef struct po_labelset {
 /* GVL: builds (or finds) the interned set for a Ruby Hash; returns a new reference.
  * May raise on bad keys/values: call it before taking po_lock. NULL for an empty hash. */
 po_labelset *po_labelset_from_hash(VALUE hash);
+/* GVL: base with over's pairs added (over wins on a shared key); a new reference, NULL
+ * when both are empty or memory is short. Never raises. */
+po_labelset *po_labelset_merge(const po_labelset *base, const po_labelset *over);
 VALUE po_labelset_to_hash(const po_labelset *ls); /* GVL */
 void po_labelset_ref(po_labelset *ls);            /* under po_lock; NULL ok */
 void po_labelset_unref(po_labelset *ls);          /* under po_lock; NULL ok; may free */
@@ -71,7 +74,10 @@ typedef struct po_thread {
     volatile int switching; /* inside a label change: its own samples are deferred to it */
     timer_t timer;
     uint64_t last_cpu_ns;   /* CPU time already accounted; under po_lock */
-    po_labelset *labels;    /* the label slot; under po_lock */
+    po_labelset *labels;    /* the label slot: what its samples carry now; under po_lock */
+    po_labelset *base;      /* thread-wide labels, under every fiber's own; under po_lock */
+    struct po_fiber_labels *fiber; /* labels of the fiber running on it, NULL if it has none */
+    VALUE fiber_obj;        /* the Ruby object of `fiber`, marked while it is current */
     long interval_ns;       /* mean sampling interval of its timer */
     uint64_t rng;           /* jitter state, touched only by the thread's own handler */
     uint64_t label_changes;
@@ -86,6 +92,7 @@ extern po_thread po_threads[PO_MAX_THREADS];
 
 po_thread *po_thread_current(int create);        /* GVL (3.1/3.2: also NOGVL), the calling thread */
 po_thread *po_thread_by_tid(pid_t tid, int create);
+po_thread *po_thread_cached(void);               /* GVL: the calling thread's entry if known, no search */
 void po_thread_keys_init(void);
 #ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
 po_thread *po_thread_of(VALUE thread);            /* any context: the entry bound to a Ruby thread */
@@ -100,6 +107,23 @@ pid_t po_gettid(void);                            /* HANDLER-safe */
 size_t po_threads_in_use(void);                   /* under po_lock */
 extern uint64_t po_threads_refused; /* slots exhausted */
 
+/* ---- label_slots.c: per-fiber labels, thread-wide labels, the fiber switch ------- */
+typedef struct po_fiber_labels {
+    po_labelset *own;       /* what the fiber set */
+    po_labelset *effective; /* its thread's base with `own` over it: what its samples carry */
+    po_labelset *merged_base; /* the base `effective` was merged from */
+    po_thread *on;          /* the entry of the thread it is running on, else NULL */
+    int stale;              /* `effective` is to be merged again before use */
+    /* its last sample under `effective` while it was not running (see po_thread) */
+    struct po_agg *last_agg;
+    uint64_t last_gen;
+    uint32_t last_sample;
+} po_fiber_labels;
+
+void po_label_slots_init(VALUE mNative); /* at load */
+void po_label_slots_mark(void);          /* GC mark phase: the running fibers' objects */
+void po_fiber_labels_detach(po_thread *t); /* under po_lock: t no longer runs t->fiber */
+
 /* ---- timer.c: one POSIX CPU-time timer per thread ------------------------------ */
 int po_timer_arm(po_thread *t, int slot, long interval_ns); /* 0 or errno */
 void po_timer_disarm(po_thread *t);
@@ -113,10 +137,13 @@ int po_signal_installed(void);
 #define PO_FRAME_SYNTHETIC ((VALUE)Qfalse)  /* synthetic frames carry a kind in the line field */
 #define PO_LINE_GC (-1)
 #define PO_LINE_TRUNCATED (-2)
-/* HANDLER or GVL, the calling thread only, which must hold the GVL. Drops the `skip`
- * leaf-most frames, keeps at most max_depth + 1 (the extra one a truncation marker);
- * buffers hold max_depth + 1 + PO_MAX_SKIP. Returns the count. */
-int po_stack_capture(VALUE *frames, int *lines, int max_depth, int skip);
+#define PO_LINE_FIBER_SWITCH (-3)
+/* HANDLER or GVL, the calling thread only, which must hold the GVL. With trim_own
+ * (GVL, under po_lock), drops leaf-most frames of C functions and own paths (at most
+ * PO_MAX_SKIP, never the last). Keeps at most max_depth + 1 (the extra one a truncation
+ * marker); buffers hold max_depth + 1 + PO_MAX_SKIP. Returns the count. */
+int po_stack_capture(VALUE *frames, int *lines, int max_depth, int trim_own);
+void po_stack_set_own_paths(VALUE paths); /* GVL; Array of String prefixes */
 
 /* ---- aggregate.c: (stack, labels) -> cpu ns, count, in bounded memory -------------- */
 typedef struct po_stack {
@@ -171,8 +198,15 @@ extern po_agg *po_active;  /* the buffer the handler writes; swapped by po_take 
 
 void po_sample_from_handler(po_thread *t);
 /* GVL, the calling thread: account its CPU since the last sample to its current labels,
- * with its current stack minus `skip` frames, then put `labels` in its slot. */
-void po_switch_labels(po_thread *t, po_labelset *labels, int skip);
+ * with its current stack (own frames trimmed), then put `labels` (a new reference the
+ * slot takes) in its slot. */
+void po_switch_labels(po_thread *t, po_labelset *labels);
+/* GVL, on the calling thread just after it switched to the fiber whose labels are `f`
+ * (NULL: none of its own): as po_switch_labels, but the old labels' CPU goes to their last
+ * sample, or to a "(fiber switch)" frame when they had none (the old fiber's stack is
+ * gone); each fiber keeps its last sample while it is not running. `labels` is a new
+ * reference that the slot takes. */
+void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_labelset *labels);
 void po_sampler_register_current(void); /* GVL: give the calling thread a timer */
 int po_start(long interval_ns, int max_depth, uint32_t max_samples); /* GVL; 0 if running */
 int po_stop(void);                                                 /* GVL; 0 if stopped */

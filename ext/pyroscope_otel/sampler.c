@@ -83,32 +83,83 @@ void po_sample_from_handler(po_thread *t)
     po_unlock();
 }
 
-void po_switch_labels(po_thread *t, po_labelset *labels, int skip)
+/* Under po_lock: charges the CPU since the thread's last sample to its current labels
+ * (count 0): to that sample when it was taken under them in this window, else to the
+ * stack where they end, or to a synthetic frame when that stack is not theirs (a fiber
+ * switch). */
+static void charge_tail_locked(po_thread *t, int fiber_switch)
 {
-    po_lock();
-    if (po_running && t->has_timer && po_active && t->tid == po_gettid()) {
-        uint64_t now = po_thread_cpu_ns(t->tid);
-        if (now > t->last_cpu_ns) {
-            uint64_t tail = now - t->last_cpu_ns;
-            if (t->last_agg == po_active && t->last_gen == po_active->generation) {
-                po_active->samples[t->last_sample].cpu_ns += tail;
-            } else {
-                /* Walking under the lock is safe: it reads this thread's own frames and
-                 * neither allocates nor raises. */
-                int n = po_stack_capture(gvl_frames, gvl_lines, po_cfg.max_depth, skip);
-                if (n > 0) po_agg_record(po_active, gvl_frames, gvl_lines, n, t->labels, tail, 0);
-                po_stat_boundary_flushes++;
-            }
-            t->last_cpu_ns = now;
-            po_stat_label_flushes++;
+    if (!po_running || !t->has_timer || !po_active || t->tid != po_gettid()) return;
+    uint64_t now = po_thread_cpu_ns(t->tid);
+    if (now <= t->last_cpu_ns) return;
+    uint64_t tail = now - t->last_cpu_ns;
+    if (t->last_agg == po_active && t->last_gen == po_active->generation) {
+        po_active->samples[t->last_sample].cpu_ns += tail;
+    } else {
+        int n;
+        if (fiber_switch) {
+            gvl_frames[0] = PO_FRAME_SYNTHETIC;
+            gvl_lines[0] = PO_LINE_FIBER_SWITCH;
+            n = 1;
+        } else {
+            /* Walking under the lock is safe: it reads this thread's own frames and
+             * neither allocates nor raises. */
+            n = po_stack_capture(gvl_frames, gvl_lines, po_cfg.max_depth, 1);
         }
+        if (n > 0) po_agg_record(po_active, gvl_frames, gvl_lines, n, t->labels, tail, 0);
+        po_stat_boundary_flushes++;
     }
+    t->last_cpu_ns = now;
+    po_stat_label_flushes++;
+}
+
+/* Under po_lock: `labels` (a reference the slot takes) replaces the thread's labels. */
+static void put_labels_locked(po_thread *t, po_labelset *labels)
+{
     po_labelset *old = t->labels;
     t->labels = labels;
     t->last_agg = NULL;
     t->label_changes++;
-    t->switching = 0;
     po_labelset_unref(old);
+}
+
+void po_switch_labels(po_thread *t, po_labelset *labels)
+{
+    po_lock();
+    if (labels != t->labels) {
+        charge_tail_locked(t, 0);
+        put_labels_locked(t, labels);
+    } else {
+        po_labelset_unref(labels); /* the same set: nothing to charge, the slot has its reference */
+    }
+    t->switching = 0;
+    po_unlock();
+}
+
+void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_labelset *labels)
+{
+    po_lock();
+    po_fiber_labels *was = t->fiber;
+    if (labels != t->labels) charge_tail_locked(t, 1);
+    if (was) { /* it keeps its last sample for when it runs again */
+        was->last_agg = t->last_agg;
+        was->last_gen = t->last_gen;
+        was->last_sample = t->last_sample;
+    }
+    po_fiber_labels_detach(t);
+    if (labels != t->labels) put_labels_locked(t, labels);
+    else po_labelset_unref(labels);
+    if (f) {
+        f->on = t;
+        t->fiber = f;
+        t->fiber_obj = fiber_obj;
+        t->last_agg = f->last_agg;
+        t->last_gen = f->last_gen;
+        t->last_sample = f->last_sample;
+    } else {
+        t->last_agg = NULL;
+    }
+    t->switching = 0;
     po_unlock();
 }
 

@@ -124,10 +124,23 @@ po_thread *po_thread_current(int create)
     return t;
 }
 
+po_thread *po_thread_cached(void)
+{
+    if (!tls_tid) tls_tid = po_gettid();
+#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
+    po_thread *t = po_thread_of(rb_thread_current());
+#else
+    po_thread *t = tls_self;
+#endif
+    return t && t->tid == tls_tid ? t : NULL;
+}
+
 void po_thread_release(po_thread *t)
 {
     po_timer_disarm(t);
+    po_fiber_labels_detach(t);
     po_labelset_unref(t->labels);
+    po_labelset_unref(t->base);
     memset(t, 0, sizeof(*t));
 }
 
@@ -164,7 +177,9 @@ void po_threads_after_fork_child(void)
             t->last_cpu_ns = po_thread_cpu_ns(self);
         } else {
             t->has_timer = 0; /* the timer died with the parent's thread */
+            po_fiber_labels_detach(t);
             po_labelset_unref(t->labels);
+            po_labelset_unref(t->base);
             memset(t, 0, sizeof(*t));
         }
     }

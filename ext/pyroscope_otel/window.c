@@ -27,7 +27,9 @@ struct take {
 
 static VALUE frame_name(VALUE frame, int line)
 {
-    if (frame == PO_FRAME_SYNTHETIC) return rb_str_new_cstr(line == PO_LINE_GC ? "(garbage collection)" : "(truncated)");
+    if (frame == PO_FRAME_SYNTHETIC)
+        return rb_str_new_cstr(line == PO_LINE_GC ? "(garbage collection)"
+                               : line == PO_LINE_FIBER_SWITCH ? "(fiber switch)" : "(truncated)");
     VALUE name = rb_profile_frame_full_label(frame);
     return NIL_P(name) ? rb_str_new_cstr("(unknown)") : name;
 }

@@ -3,12 +3,12 @@
 require "monitor"
 
 # The `pyroscope` gem's module functions, drop-in: configure, current_config, tags, stop,
-# shutdown. Tags live in each thread's label slot in the extension (through
-# Pyroscope::Native), so a tag is on exactly the samples taken while it is set.
+# shutdown. Tags are written to the extension's label slots (through Pyroscope::Native),
+# so a tag is on exactly the samples taken while it is set. Tags set by a thread for itself
+# belong to the calling fiber, as the OpenTelemetry context does; tags set for another
+# thread, and `thread_id`, are thread-wide: under the own tags of every fiber of it.
 module Pyroscope
-  TAGS = :__pyroscope_tags # thread variable: the thread's tags, String => String
-  # frames between the user's call and Native.set_labels: the boundary stack is the user's
-  SKIP = { tag_wrapper: 3, add: 3, remove: 3 }.freeze
+  THREAD_TAGS = :__pyroscope_thread_tags # thread variable: thread-wide tags, String => String
 
   @lock = Monitor.new
   @config = nil
@@ -67,36 +67,36 @@ module Pyroscope
     end
 
     def tag_wrapper(tags)
-      previous = change_tags(Thread.current, tags, SKIP[:tag_wrapper])
+      previous = change_tags(Thread.current, tags)
       yield
     ensure
-      change_tags(Thread.current, previous, SKIP[:tag_wrapper]) if previous
+      change_tags(Thread.current, previous) if previous
     end
 
     # _add_tags(tags) for the calling thread (pyroscope-otel 0.2, pyroscope 1.x), or
     # _add_tags(thread_id, tags) for the thread with that native id (0.1, 0.5–0.6).
     def _add_tags(*args)
       thread, tags = thread_and_tags(args, :_add_tags)
-      change_tags(thread, tags, SKIP[:add]) if thread
+      change_tags(thread, tags) if thread
       nil
     end
 
     def _remove_tags(*args)
       thread, tags = thread_and_tags(args, :_remove_tags)
       keys = tags.is_a?(Hash) ? tags.keys : Array(tags)
-      change_tags(thread, keys.to_h { |k| [k, nil] }, SKIP[:remove]) if thread
+      change_tags(thread, keys.to_h { |k| [k, nil] }) if thread
       nil
     end
 
     def tag(tags)
       deprecated(:tag, "tag_wrapper")
-      change_tags(Thread.current, tags, SKIP[:add])
+      change_tags(Thread.current, tags)
       nil
     end
 
     def remove_tags(*keys)
       deprecated(:remove_tags, "tag_wrapper")
-      change_tags(Thread.current, keys.to_h { |k| [k, nil] }, SKIP[:remove])
+      change_tags(Thread.current, keys.to_h { |k| [k, nil] })
       nil
     end
 
@@ -124,13 +124,32 @@ module Pyroscope
       config && { sample_rate: config.sample_rate, max_depth: config.max_depth, max_samples: config.max_samples }
     end
 
-    # Merges `tags` into the thread's tags (a nil value removes the key) and writes the
-    # result to its slot. Returns the previous values of the keys it changed (nil for
-    # absent), which restore them when passed back.
-    def change_tags(thread, tags, skip)
+    # Merges `tags` into the calling fiber's tags, or another thread's thread-wide ones (a
+    # nil value removes the key). Returns the previous values of the keys it changed (nil
+    # for absent), which restore them when passed back.
+    def change_tags(thread, tags)
+      return change_fiber_tags(Native.fiber_labels, tags) if thread == Thread.current
+
+      change_thread_tags(thread, tags)
+    end
+
+    # Any fiber's tags, from any fiber or thread (Native::FiberLabels).
+    def change_fiber_tags(fiber_labels, tags)
+      updated, previous = merge_tags(fiber_labels.to_h, tags)
+      Native.set_fiber_labels(fiber_labels, updated)
+      previous
+    end
+
+    def change_thread_tags(thread, tags)
+      updated, previous = merge_tags(thread.thread_variable_get(THREAD_TAGS) || {}, tags)
+      Native.set_thread_labels(thread, updated)
+      thread.thread_variable_set(THREAD_TAGS, updated.freeze)
+      previous
+    end
+
+    def merge_tags(current, tags)
       raise ArgumentError, "tags must be a Hash, got #{tags.inspect}" unless tags.is_a?(Hash)
 
-      current = thread.thread_variable_get(TAGS) || {}
       previous = {}
       updated = current.dup
       tags.each do |k, v|
@@ -138,17 +157,7 @@ module Pyroscope
         previous[key] = current[key]
         v.nil? ? updated.delete(key) : updated[key] = v.to_s
       end
-      write(thread, updated, skip)
-      previous
-    end
-
-    def write(thread, labels, skip)
-      if thread == Thread.current
-        Native.set_labels(labels, skip)
-      else
-        Native.set_thread_labels(thread, labels)
-      end
-      thread.thread_variable_set(TAGS, labels.freeze)
+      [updated, previous]
     end
 
     def thread_and_tags(args, name)
@@ -165,8 +174,8 @@ module Pyroscope
       @thread_id_tracker = nil
       return unless enabled
 
-      Thread.list.each { |t| change_tags(t, { "thread_id" => t.native_thread_id }, 0) if t.native_thread_id }
-      @thread_id_tracker = TracePoint.new(:thread_begin) { change_tags(Thread.current, { "thread_id" => thread_id }, 0) }
+      Thread.list.each { |t| change_thread_tags(t, { "thread_id" => t.native_thread_id }) if t.native_thread_id }
+      @thread_id_tracker = TracePoint.new(:thread_begin) { change_thread_tags(Thread.current, { "thread_id" => thread_id }) }
       @thread_id_tracker.enable
     end
 

@@ -25,7 +25,15 @@ module Pyroscope
       end
 
       def clear_labels
-        set_labels(nil, 1)
+        set_labels(nil)
+      end
+
+      # Frames of files under these prefixes (and C functions) are trimmed from the leaf of
+      # the stack that gets a span's CPU at a label change: the gem's own code at load, the
+      # OpenTelemetry gems' when the span processor loads.
+      def add_own_paths(*prefixes)
+        @own_paths = (@own_paths || []) | prefixes.flat_map { |p| [p, (File.realpath(p) rescue p)] }
+        self.own_paths = @own_paths
       end
 
       private
@@ -38,3 +46,5 @@ module Pyroscope
     end
   end
 end
+
+Pyroscope::Native.add_own_paths(File.join(File.expand_path("..", __dir__), "pyroscope"))
