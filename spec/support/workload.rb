@@ -8,6 +8,9 @@ class Workload
   def light(seconds) = burn(seconds)
   def worker_one(seconds) = burn(seconds)
   def worker_two(seconds) = burn(seconds)
+  def find_nearest_bike(seconds) = burn(seconds)
+  def find_nearest_scooter(seconds) = burn(seconds)
+  def find_nearest_car(seconds) = burn(seconds)
 
   def recurse(depth, seconds)
     depth.zero? ? burn(seconds) : recurse(depth - 1, seconds)
