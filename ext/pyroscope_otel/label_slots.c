@@ -1,38 +1,48 @@
 /*
- * label_slots.c — whose labels a thread's samples carry: per-fiber labels, thread-wide
- * labels, and the fiber switch. Binding: Native.set_labels, labels, fiber_labels,
- * set_fiber_labels, set_thread_labels.
+ * label_slots.c — whose labels a thread's samples carry: per-fiber labels, span labels,
+ * thread-wide labels, and the fiber switch. Binding: Native.set_labels, labels,
+ * fiber_labels, set_fiber_labels, set_thread_labels, push_span, pop_span.
  *
  * The OpenTelemetry context lives per Fiber, so the labels do too. A fiber that sets
  * labels gets a Pyroscope::Native::FiberLabels object, kept in its fiber-local storage
- * (Thread#[]), holding what it set (`own`) and what its samples carry (`effective`: its
- * thread's thread-wide `base` with `own` over it). A fiber that never set labels carries
- * just its thread's base, so a new fiber starts with no span, as its OTel context does.
+ * (Thread#[]), holding its tags (Pyroscope.tag_wrapper & co.), the label sets of its
+ * active spans (a stack: the innermost one's labels are over the others), and what its
+ * samples carry (`effective`: its thread's thread-wide `base`, then its tags, then its
+ * innermost span's labels over them). A fiber that never set labels carries just its
+ * thread's base, so a new fiber starts with no span, as its OTel context does.
  * A thread's slot (po_thread.labels, what the handler reads) is the effective set of the
  * fiber running on it; a RUBY_EVENT_FIBER_SWITCH hook (GVL, on the thread, after the
  * switch) puts the new fiber's labels in the slot, and po_switch_fiber charges the CPU
  * the old fiber used since the last sample to the old labels.
  *
- * A fiber's labels can be changed while it is not running (a span that ends on another
- * fiber or thread): only its object changes, or, when it runs on another thread right now,
- * that thread's slot too (without a stack to charge, like any change made from outside).
+ * Span labels are pushed by the span processor's on_start as a SpanLabels object and
+ * popped by its on_finish, from whatever fiber or thread that runs on: popping changes the
+ * starting fiber's object, and, when that fiber runs on another thread right now, that
+ * thread's slot (without a stack to charge, like any change made from outside). Spans may
+ * end in any order; an outer one ending first leaves the inner one's labels in place.
  * Thread-wide labels changed later reach a fiber's effective set when it next runs.
  *
  * Contexts: everything here runs on the GVL. Ruby work (building sets, which may raise,
  * allocating objects) happens before po_lock is taken; the object of the fiber running on
  * a thread is marked through the thread table, so it cannot be freed while it is current.
- * The free function runs on the GVL during GC (no allocation) and takes po_lock.
+ * Free functions run on the GVL during GC (no allocation) and take po_lock.
  */
 #include "pyroscope_otel.h"
 
 static ID id_fiber_labels;
-static VALUE cFiberLabels;
+static VALUE cFiberLabels, cSpanLabels;
+
+static void fiber_labels_mark(void *p)
+{
+    rb_gc_mark(((po_fiber_labels *)p)->spans);
+}
 
 static void fiber_labels_free(void *p)
 {
     po_fiber_labels *f = p;
     po_lock();
     if (f->on && f->on->fiber == f) po_fiber_labels_detach(f->on);
+    po_labelset_unref(f->tags);
     po_labelset_unref(f->own);
     po_labelset_unref(f->effective);
     po_labelset_unref(f->merged_base);
@@ -42,7 +52,34 @@ static void fiber_labels_free(void *p)
 
 static const rb_data_type_t fiber_labels_type = {
     .wrap_struct_name = "pyroscope_otel/fiber_labels",
-    .function = { .dfree = fiber_labels_free, .dsize = NULL },
+    .function = { .dmark = fiber_labels_mark, .dfree = fiber_labels_free },
+    .flags = RUBY_TYPED_FREE_IMMEDIATELY,
+};
+
+/* One active labelled span: its label set and the FiberLabels it was pushed on (nil once
+ * popped). */
+typedef struct span_labels {
+    po_labelset *labels;
+    VALUE fiber;
+} span_labels;
+
+static void span_labels_mark(void *p)
+{
+    rb_gc_mark(((span_labels *)p)->fiber);
+}
+
+static void span_labels_free(void *p)
+{
+    span_labels *s = p;
+    po_lock();
+    po_labelset_unref(s->labels);
+    po_unlock();
+    xfree(s);
+}
+
+static const rb_data_type_t span_labels_type = {
+    .wrap_struct_name = "pyroscope_otel/span_labels",
+    .function = { .dmark = span_labels_mark, .dfree = span_labels_free },
     .flags = RUBY_TYPED_FREE_IMMEDIATELY,
 };
 
@@ -69,6 +106,7 @@ static VALUE current_object(int create)
     if (!create) return Qnil;
     po_fiber_labels *f;
     obj = TypedData_Make_Struct(cFiberLabels, po_fiber_labels, &fiber_labels_type, f);
+    f->spans = rb_ary_new();
     rb_thread_local_aset(rb_thread_current(), id_fiber_labels, obj);
     return obj;
 }
@@ -76,6 +114,13 @@ static VALUE current_object(int create)
 static po_fiber_labels *fiber_labels_of(VALUE obj)
 {
     return rb_check_typeddata(obj, &fiber_labels_type);
+}
+
+static po_thread *current_entry(void)
+{
+    po_thread *t = po_thread_current(1);
+    if (!t) rb_raise(rb_eRuntimeError, "pyroscope: more than %d threads carry labels", PO_MAX_THREADS);
+    return t;
 }
 
 /* Under po_lock: f's own set becomes `own` (a reference it takes), its effective set
@@ -93,15 +138,15 @@ static void store_locked(po_fiber_labels *f, po_labelset *own, po_labelset *effe
     f->last_agg = NULL;
 }
 
-/* base with own over it; when memory is short, own alone (never raises) */
-static po_labelset *merged(po_labelset *base, po_labelset *own)
+/* base with over over it, a new reference; when memory is short, over alone (never raises) */
+static po_labelset *merged(po_labelset *base, po_labelset *over)
 {
-    po_labelset *m = po_labelset_merge(base, own);
-    if (!m && own) {
+    po_labelset *m = po_labelset_merge(base, over);
+    if (!m && over) {
         po_lock();
-        po_labelset_ref(own);
+        po_labelset_ref(over);
         po_unlock();
-        m = own;
+        m = over;
     }
     return m;
 }
@@ -142,55 +187,106 @@ static void on_fiber_switch(VALUE tp, void *arg)
     po_switch_fiber(t, f, obj, effective_on(t, f));
 }
 
-static VALUE build_labelset(VALUE labels)
+/* f's tags or spans changed: its own and effective sets follow, and so does the slot of
+ * the thread running it. The calling fiber's change charges its thread's CPU since the
+ * last sample to the old labels (t->switching was set by the caller); a change to a fiber
+ * running elsewhere swaps that thread's slot; one not running waits for it to run. */
+static void refresh(VALUE obj)
 {
-    return (VALUE)po_labelset_from_hash(labels);
+    po_fiber_labels *f = fiber_labels_of(obj);
+    long n = RARRAY_LEN(f->spans);
+    po_labelset *top = n ? ((span_labels *)DATA_PTR(RARRAY_AREF(f->spans, n - 1)))->labels : NULL;
+    po_labelset *own = merged(f->tags, top);
+    if (current_object(0) == obj) {
+        po_thread *t = current_entry();
+        po_lock();
+        po_labelset *base = t->base;
+        po_labelset_ref(base);
+        po_unlock();
+        po_labelset *m = merged(base, own);
+        po_lock();
+        store_locked(f, own, m, base);
+        po_labelset_unref(base);
+        if (t->fiber != f) {
+            po_fiber_labels_detach(t);
+            t->fiber = f;
+            t->fiber_obj = obj;
+            f->on = t;
+        }
+        po_labelset_ref(m);
+        po_unlock();
+        po_switch_labels(t, m);
+        return;
+    }
+    po_lock();
+    po_thread *on = f->on;
+    po_labelset *base = on ? on->base : NULL;
+    po_labelset_ref(base);
+    po_unlock();
+    po_labelset *m = on ? merged(base, own) : NULL;
+    po_lock();
+    if (on && f->on == on) {
+        store_locked(f, own, m, base);
+        po_labelset_ref(m);
+        po_labelset_unref(on->labels);
+        on->labels = m;
+        on->last_agg = NULL;
+        on->label_changes++;
+    } else { /* not running (or its thread exited meanwhile: exit hooks run without the GVL) */
+        store_locked(f, own, NULL, NULL);
+        f->stale = 1;
+        po_labelset_unref(m);
+    }
+    po_labelset_unref(base);
+    po_unlock();
 }
 
-static po_thread *current_entry(void)
+/* Marks the calling thread as changing its labels, when obj is the calling fiber's: a
+ * timer sample meanwhile is deferred to the change's own charge. */
+static po_thread *begin_change(VALUE obj)
 {
-    po_thread *t = po_thread_current(1);
-    if (!t) rb_raise(rb_eRuntimeError, "pyroscope: more than %d threads carry labels", PO_MAX_THREADS);
+    if (current_object(0) != obj) return NULL;
+    po_thread *t = current_entry();
+    t->switching = 1;
     return t;
 }
 
-/* The calling fiber's own labels become `labels`: the CPU its thread used since the last
- * sample goes to the old labels. */
-static void set_current(po_thread *t, VALUE obj, VALUE labels)
+struct tags_arg {
+    VALUE obj, labels;
+};
+
+static VALUE set_tags(VALUE p)
 {
-    t->switching = 1; /* cleared by po_switch_labels, or here if building the set raises */
-    int state = 0;
-    po_labelset *own = (po_labelset *)rb_protect(build_labelset, labels, &state);
-    if (state) {
-        t->switching = 0;
-        rb_jump_tag(state);
-    }
-    po_fiber_labels *f = fiber_labels_of(obj);
+    struct tags_arg *a = (struct tags_arg *)p;
+    po_labelset *tags = po_labelset_from_hash(a->labels);
+    po_fiber_labels *f = fiber_labels_of(a->obj);
     po_lock();
-    po_labelset *base = t->base;
-    po_labelset_ref(base);
+    po_labelset_unref(f->tags);
+    f->tags = tags;
     po_unlock();
-    po_labelset *m = merged(base, own);
-    po_lock();
-    store_locked(f, own, m, base);
-    po_labelset_unref(base);
-    if (t->fiber != f) {
-        po_fiber_labels_detach(t);
-        t->fiber = f;
-        t->fiber_obj = obj;
-        f->on = t;
-    }
-    po_labelset_ref(m);
-    po_unlock();
-    po_switch_labels(t, m);
-    RB_GC_GUARD(obj);
+    refresh(a->obj);
+    return Qnil;
 }
 
-/* set_labels(hash_or_nil): the calling fiber's own labels. */
+static VALUE end_change(VALUE t)
+{
+    if (t) ((po_thread *)t)->switching = 0;
+    return Qnil;
+}
+
+static void change_tags(VALUE obj, VALUE labels)
+{
+    fiber_labels_of(obj);
+    struct tags_arg a = { obj, labels };
+    rb_ensure(set_tags, (VALUE)&a, end_change, (VALUE)begin_change(obj));
+}
+
+/* set_labels(hash_or_nil): the calling fiber's tags. */
 static VALUE native_set_labels(VALUE self, VALUE labels)
 {
     (void)self;
-    set_current(current_entry(), current_object(1), labels);
+    current_entry();
+    change_tags(current_object(1), labels);
     return Qnil;
 }
 
@@ -202,73 +298,100 @@ static VALUE native_fiber_labels(VALUE self)
     return current_object(1);
 }
 
-/* set_fiber_labels(fiber_labels, hash_or_nil): that fiber's own labels, from whichever
- * fiber or thread is running. */
+/* set_fiber_labels(fiber_labels, hash_or_nil): that fiber's tags, from whichever fiber or
+ * thread is running. */
 static VALUE native_set_fiber_labels(VALUE self, VALUE obj, VALUE labels)
 {
     (void)self;
-    po_fiber_labels *f = fiber_labels_of(obj);
-    if (current_object(0) == obj) {
-        set_current(current_entry(), obj, labels);
-        return Qnil;
-    }
-    po_labelset *own = po_labelset_from_hash(labels);
-    po_lock();
-    po_thread *on = f->on;
-    po_labelset *base = on ? on->base : NULL;
-    po_labelset_ref(base);
-    po_unlock();
-    /* not running: merged with its thread's base when it next runs */
-    po_labelset *m = on ? merged(base, own) : NULL;
-    po_lock();
-    if (f->on == on && (!on || on->base == base)) {
-        store_locked(f, own, m, base);
-        f->stale = !on;
-        if (on) {
-            po_labelset_ref(m);
-            po_labelset_unref(on->labels);
-            on->labels = m;
-            on->last_agg = NULL;
-            on->label_changes++;
-        }
-    } else { /* its thread exited meanwhile (exit hooks run without the GVL) */
-        store_locked(f, own, NULL, NULL);
-        f->stale = 1;
-        po_labelset_unref(m);
-    }
-    po_labelset_unref(base);
-    po_unlock();
+    change_tags(obj, labels);
     return Qnil;
 }
 
+struct push_arg {
+    VALUE obj, *kv;
+    long n;
+};
+
+static VALUE push(VALUE p)
+{
+    struct push_arg *a = (struct push_arg *)p;
+    span_labels *s;
+    VALUE token = TypedData_Make_Struct(cSpanLabels, span_labels, &span_labels_type, s);
+    s->fiber = Qnil;
+    s->labels = po_labelset_from_pairs(a->kv, a->n);
+    s->fiber = a->obj;
+    rb_ary_push(fiber_labels_of(a->obj)->spans, token);
+    refresh(a->obj);
+    return token;
+}
+
+/* push_span(key, value, ...): labels (up to 3 pairs with distinct keys) over the calling
+ * fiber's until pop_span(the returned SpanLabels). */
+static VALUE native_push_span(int argc, VALUE *argv, VALUE self)
+{
+    (void)self;
+    if (argc < 2 || argc > 6 || argc % 2) rb_raise(rb_eArgError, "push_span takes 1 to 3 key, value pairs, got %d arguments", argc);
+    VALUE kv[6];
+    for (int i = 0; i < argc; i += 2) {
+        kv[i] = argv[i];
+        kv[i + 1] = argv[i + 1];
+        po_label_pair(&kv[i], &kv[i + 1]);
+    }
+    current_entry();
+    VALUE obj = current_object(1);
+    struct push_arg a = { obj, kv, argc / 2 };
+    VALUE token = rb_ensure(push, (VALUE)&a, end_change, (VALUE)begin_change(obj));
+    RB_GC_GUARD(kv[0]);
+    return token;
+}
+
+static VALUE pop(VALUE token)
+{
+    span_labels *s = rb_check_typeddata(token, &span_labels_type);
+    VALUE obj = s->fiber, spans = fiber_labels_of(obj)->spans;
+    s->fiber = Qnil;
+    long n = RARRAY_LEN(spans), i = n - 1;
+    while (i >= 0 && RARRAY_AREF(spans, i) != token) i--;
+    if (i < 0) return Qnil;
+    rb_ary_delete_at(spans, i);
+    if (i == n - 1) refresh(obj); /* an outer span ending first changes nothing */
+    return Qnil;
+}
+
+/* pop_span(span_labels): the span ended, on any fiber or thread; a second pop is a no-op. */
+static VALUE native_pop_span(VALUE self, VALUE token)
+{
+    (void)self;
+    span_labels *s = rb_check_typeddata(token, &span_labels_type);
+    if (NIL_P(s->fiber)) return Qnil;
+    return rb_ensure(pop, token, end_change, (VALUE)begin_change(s->fiber));
+}
+
+static VALUE hash_of(po_labelset **slot)
+{
+    po_lock();
+    po_labelset *ls = *slot;
+    po_labelset_ref(ls);
+    po_unlock();
+    VALUE h = po_labelset_to_hash(ls);
+    po_lock();
+    po_labelset_unref(ls);
+    po_unlock();
+    return h;
+}
+
+/* labels: what the calling thread's samples carry now. */
 static VALUE native_labels(VALUE self)
 {
     (void)self;
     po_thread *t = po_thread_current(0);
-    if (!t) return rb_hash_new();
-    po_lock();
-    po_labelset *ls = t->labels;
-    po_labelset_ref(ls);
-    po_unlock();
-    VALUE h = po_labelset_to_hash(ls);
-    po_lock();
-    po_labelset_unref(ls);
-    po_unlock();
-    return h;
+    return t ? hash_of(&t->labels) : rb_hash_new();
 }
 
+/* FiberLabels#to_h: the fiber's tags. */
 static VALUE fiber_labels_to_h(VALUE obj)
 {
-    po_fiber_labels *f = fiber_labels_of(obj);
-    po_lock();
-    po_labelset *ls = f->own;
-    po_labelset_ref(ls);
-    po_unlock();
-    VALUE h = po_labelset_to_hash(ls);
-    po_lock();
-    po_labelset_unref(ls);
-    po_unlock();
-    return h;
+    return hash_of(&fiber_labels_of(obj)->tags);
 }
 
 static pid_t tid_arg(VALUE tid)
@@ -327,6 +450,8 @@ void po_label_slots_init(VALUE mNative)
     cFiberLabels = rb_define_class_under(mNative, "FiberLabels", rb_cObject);
     rb_undef_alloc_func(cFiberLabels);
     rb_define_method(cFiberLabels, "to_h", fiber_labels_to_h, 0);
+    cSpanLabels = rb_define_class_under(mNative, "SpanLabels", rb_cObject);
+    rb_undef_alloc_func(cSpanLabels);
 
     VALUE tp = rb_tracepoint_new(0, RUBY_EVENT_FIBER_SWITCH, on_fiber_switch, NULL);
     rb_gc_register_mark_object(tp);
@@ -337,4 +462,6 @@ void po_label_slots_init(VALUE mNative)
     rb_define_singleton_method(mNative, "fiber_labels", native_fiber_labels, 0);
     rb_define_singleton_method(mNative, "set_fiber_labels", native_set_fiber_labels, 2);
     rb_define_singleton_method(mNative, "set_thread_labels", native_set_thread_labels, 2);
+    rb_define_singleton_method(mNative, "push_span", native_push_span, -1);
+    rb_define_singleton_method(mNative, "pop_span", native_pop_span, 1);
 }

@@ -156,9 +156,8 @@ static char *copy_pair(po_label *to, const po_label *from, char *p)
 static int collect_pair(VALUE k, VALUE v, VALUE strs)
 {
     if (NIL_P(v)) return ST_CONTINUE; /* nil removes: the Pyroscope gem's tag semantics */
-    VALUE ks = label_key(k), vs = label_value(v, k);
-    if (RSTRING_LEN(ks) == 0) rb_raise(rb_eArgError, "label key must not be empty");
-    rb_hash_aset(strs, ks, vs);
+    po_label_pair(&k, &v);
+    rb_hash_aset(strs, k, v);
     return ST_CONTINUE;
 }
 
@@ -175,32 +174,46 @@ po_labelset *po_labelset_from_hash(VALUE hash)
     Check_Type(hash, T_HASH);
     VALUE strs = rb_hash_new();
     rb_hash_foreach(hash, collect_pair, strs);
-    long n_in = RHASH_SIZE(strs);
-    if (n_in == 0) return NULL;
-    if (n_in > PO_MAX_LABELS)
+    long n = RHASH_SIZE(strs);
+    if (n == 0) return NULL;
+    if (n > PO_MAX_LABELS)
         rb_raise(rb_eArgError, "too many labels on one thread: %ld (the server accepts at most %d per sample)",
-                 n_in, PO_MAX_LABELS);
-    struct { VALUE strs; long n; } c = { rb_ary_new_capa(n_in * 2), n_in };
-    rb_hash_foreach(strs, flatten_pair, c.strs);
+                 n, PO_MAX_LABELS);
+    VALUE kv = rb_ary_new_capa(n * 2);
+    rb_hash_foreach(strs, flatten_pair, kv);
+    po_labelset *ls = po_labelset_from_pairs(RARRAY_CONST_PTR(kv), n);
+    RB_GC_GUARD(kv);
+    RB_GC_GUARD(strs);
+    return ls;
+}
 
+po_labelset *po_labelset_from_pairs(const VALUE *kv, long n)
+{
     size_t bytes = 0;
-    for (long i = 0; i < c.n * 2; i++) bytes += RSTRING_LEN(RARRAY_AREF(c.strs, i)) + 1;
-    po_labelset *ls = malloc(sizeof(*ls) + c.n * sizeof(po_label) + bytes);
+    for (long i = 0; i < n * 2; i++) bytes += RSTRING_LEN(kv[i]) + 1;
+    po_labelset *ls = malloc(sizeof(*ls) + n * sizeof(po_label) + bytes);
     if (!ls) rb_raise(rb_eNoMemError, "pyroscope: cannot allocate a label set");
-    char *p = (char *)&ls->pairs[c.n];
-    for (long i = 0; i < c.n; i++) {
-        VALUE ks = RARRAY_AREF(c.strs, 2 * i), vs = RARRAY_AREF(c.strs, 2 * i + 1);
+    char *p = (char *)&ls->pairs[n];
+    for (long i = 0; i < n; i++) {
+        VALUE ks = kv[2 * i], vs = kv[2 * i + 1];
         long kl = po_utf8_prefix(RSTRING_PTR(ks), RSTRING_LEN(ks), PO_MAX_KEY_BYTES);
         long vl = po_utf8_prefix(RSTRING_PTR(vs), RSTRING_LEN(vs), PO_MAX_VALUE_BYTES);
         po_label *l = &ls->pairs[i];
         memcpy(p, RSTRING_PTR(ks), kl); p[kl] = 0; l->key = p; l->key_len = kl; p += kl + 1;
         memcpy(p, RSTRING_PTR(vs), vl); p[vl] = 0; l->value = p; l->value_len = vl; p += vl + 1;
     }
-    RB_GC_GUARD(c.strs);
-    RB_GC_GUARD(strs);
-    qsort(ls->pairs, c.n, sizeof(po_label), cmp_label);
-    ls->count = (uint32_t)c.n;
+    qsort(ls->pairs, n, sizeof(po_label), cmp_label);
+    ls->count = (uint32_t)n;
     return seal(ls);
+}
+
+/* GVL: a label pair's key and value as Strings, checked and converted as for a Hash. */
+void po_label_pair(VALUE *k, VALUE *v)
+{
+    VALUE key = *k;
+    *k = label_key(key);
+    if (RSTRING_LEN(*k) == 0) rb_raise(rb_eArgError, "label key must not be empty");
+    *v = label_value(*v, key);
 }
 
 /* Merge of two sorted sets; on a shared key `over` wins. At most PO_MAX_LABELS pairs:

@@ -55,6 +55,9 @@ typedef struct po_labelset {
 /* GVL: builds (or finds) the interned set for a Ruby Hash; returns a new reference.
  * May raise on bad keys/values: call it before taking po_lock. NULL for an empty hash. */
 po_labelset *po_labelset_from_hash(VALUE hash);
+/* GVL: likewise from n (key, value) String pairs with distinct keys; may raise. */
+po_labelset *po_labelset_from_pairs(const VALUE *kv, long n);
+void po_label_pair(VALUE *key, VALUE *value); /* GVL: checks and converts one pair; may raise */
 /* GVL: base with over's pairs added (over wins on a shared key); a new reference, NULL
  * when both are empty or memory is short. Never raises. */
 po_labelset *po_labelset_merge(const po_labelset *base, const po_labelset *over);
@@ -109,7 +112,9 @@ extern uint64_t po_threads_refused; /* slots exhausted */
 
 /* ---- label_slots.c: per-fiber labels, thread-wide labels, the fiber switch ------- */
 typedef struct po_fiber_labels {
-    po_labelset *own;       /* what the fiber set */
+    po_labelset *tags;      /* the fiber's tags */
+    VALUE spans;            /* Array of its active spans' SpanLabels, innermost last */
+    po_labelset *own;       /* its tags with its innermost span's labels over them */
     po_labelset *effective; /* its thread's base with `own` over it: what its samples carry */
     po_labelset *merged_base; /* the base `effective` was merged from */
     po_thread *on;          /* the entry of the thread it is running on, else NULL */

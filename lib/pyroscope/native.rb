@@ -13,13 +13,6 @@ module Pyroscope
     DEFAULT_MAX_DEPTH = 512
     DEFAULT_MAX_SAMPLES = 65_536
 
-    # A fiber's labels (made in C). Also remembers the labels of the fiber's active spans.
-    class FiberLabels
-      def spans
-        @spans ||= []
-      end
-    end
-
     class << self
       # Starts sampling every Ruby thread on its own CPU time. Returns false when already
       # running (or refused under M:N threads, with a warning), true when started.

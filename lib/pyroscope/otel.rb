@@ -25,7 +25,7 @@ module Pyroscope
       PROFILE_ID = "pyroscope.profile.id"
       PROFILE_URL = "pyroscope.profile.url"
       LABEL_NAME = /\A[A-Za-z0-9_.]+\z/ # the server's label name grammar
-      ACTIVE = :@__pyroscope_otel_labels # on a labelled span: [FiberLabels, labels]
+      ACTIVE = :@__pyroscope_otel_labels # on a labelled span: its Native::SpanLabels
       URL_WINDOW = 3600 # seconds the profile link's time range spans
 
       attr_accessor :root_span_only, :add_span_name, :add_url, :add_trace_id
@@ -51,6 +51,9 @@ module Pyroscope
         @span_id_label = label_name(:span_id_label, span_id_label)
         @span_name_label = label_name(:span_name_label, span_name_label)
         @trace_id_label = label_name(:trace_id_label, trace_id_label)
+        names = [@span_id_label, @span_name_label, @trace_id_label]
+        raise ArgumentError, "span_id_label, span_name_label and trace_id_label must differ, got #{names}" if names.uniq.size < 3
+
         Native.add_own_paths(*Otel.opentelemetry_paths)
       end
 
@@ -64,6 +67,7 @@ module Pyroscope
         end
 
         @app_name = name
+        @url_parts = nil
       end
 
       # A parsed URI, as upstream.
@@ -73,6 +77,7 @@ module Pyroscope
 
       def pyroscope_endpoint=(endpoint)
         @pyroscope_endpoint = endpoint.nil? ? nil : parse_endpoint(endpoint)
+        @url_parts = nil
       end
 
       def on_start(span, parent_context)
@@ -80,19 +85,20 @@ module Pyroscope
 
         context = span.context
         id = context.hex_span_id
-        labels = { @span_id_label => id }
-        labels[@span_name_label] = span.name if @add_span_name
-        labels[@trace_id_label] = context.hex_trace_id if @add_trace_id
-        push(span, labels)
-        span.set_attribute(PROFILE_ID, id)
+        labels = [@span_id_label, id]
+        labels.push(@span_name_label, span.name) if @add_span_name
+        labels.push(@trace_id_label, context.hex_trace_id) if @add_trace_id
+        token = Native.push_span(*labels)
+        span.instance_variable_set(ACTIVE, token)
         url = @add_url && profile_url(id)
-        span.set_attribute(PROFILE_URL, url) if url
+        span.add_attributes(url ? { PROFILE_ID => id, PROFILE_URL => url } : { PROFILE_ID => id })
       rescue StandardError => e
         OpenTelemetry.handle_error(exception: e, message: "pyroscope-otel: cannot label span")
       end
 
       def on_finish(span)
-        pop(span)
+        token = span.instance_variable_get(ACTIVE)
+        Native.pop_span(token) if token
       rescue StandardError => e
         OpenTelemetry.handle_error(exception: e, message: "pyroscope-otel: cannot remove span labels")
       end
@@ -114,39 +120,29 @@ module Pyroscope
         !parent.valid? || parent.remote?
       end
 
-      # Each fiber keeps the labels of its active labelled spans, innermost last: the
-      # innermost one's are in its slot, and the next one's come back when it ends, in
-      # whatever order spans end.
-      def push(span, labels)
-        fiber = Native.fiber_labels
-        fiber.spans.push(labels)
-        span.instance_variable_set(ACTIVE, [fiber, labels])
-        Pyroscope.send(:change_fiber_tags, fiber, labels)
-      end
-
-      def pop(span)
-        fiber, labels = span.instance_variable_get(ACTIVE)
-        return unless fiber
-
-        span.remove_instance_variable(ACTIVE)
-        spans = fiber.spans
-        i = spans.rindex { |l| l.equal?(labels) }
-        return unless i
-
-        spans.delete_at(i)
-        return unless i == spans.size # an outer span ending first leaves the inner one's labels
-
-        Pyroscope.send(:change_fiber_tags, fiber, labels.transform_values { nil }.merge(spans.last || {}))
-      end
-
+      # upstream's link: the endpoint with query=<app>{<span id label>="<id>"}&from=<now>&until=<now + 1 h>,
+      # form-encoded; the parts around the id and the times are built once
       def profile_url(id)
-        endpoint = pyroscope_endpoint
-        return unless endpoint.is_a?(URI::HTTP)
+        config = Pyroscope.current_config
+        @url_parts = nil unless @url_config.equal?(config) # app name and endpoint may come from it
+        @url_config = config
+        head, tail = (@url_parts ||= url_parts)
+        return unless head
 
-        now = Time.now.to_i
+        now = Process.clock_gettime(Process::CLOCK_REALTIME, :second)
+        @url_times = [now, "&from=#{now}&until=#{now + URL_WINDOW}"] unless @url_times&.first == now
+        "#{head}#{id}#{tail}#{@url_times[1]}"
+      end
+
+      def url_parts
+        endpoint = pyroscope_endpoint
+        return [] unless endpoint.is_a?(URI::HTTP)
+
+        query = URI.encode_www_form(query: "#{app_name}{#{@span_id_label}=\"\u0000\"}")
+        head, tail = query.split("%00", 2)
         url = endpoint.dup
-        url.query = URI.encode_www_form(query: "#{app_name}{#{@span_id_label}=\"#{id}\"}", from: now, until: now + URL_WINDOW)
-        url.to_s
+        url.query = nil
+        ["#{url}?#{head}", tail]
       end
 
       def parse_endpoint(endpoint)
