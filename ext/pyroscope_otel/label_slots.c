@@ -228,10 +228,7 @@ static void refresh(VALUE obj)
     if (on && f->on == on) {
         store_locked(f, own, m, base);
         po_labelset_ref(m);
-        po_labelset_unref(on->labels);
-        on->labels = m;
-        on->last_agg = NULL;
-        on->label_changes++;
+        po_put_labels_locked(on, m);
     } else { /* not running (or its thread exited meanwhile: exit hooks run without the GVL) */
         store_locked(f, own, NULL, NULL);
         f->stale = 1;
@@ -435,10 +432,7 @@ static VALUE native_set_thread_labels(VALUE self, VALUE thread, VALUE labels)
     } else {
         po_labelset *want = effective_on(t, f);
         po_lock();
-        po_labelset_unref(t->labels);
-        t->labels = want;
-        t->last_agg = NULL;
-        t->label_changes++;
+        po_put_labels_locked(t, want);
         po_unlock();
     }
     return Qtrue;

@@ -89,6 +89,12 @@ typedef struct po_thread {
     struct po_agg *last_agg;
     uint64_t last_gen;
     uint32_t last_sample;
+    /* the labels before the current ones (a reference) and their last sample: a span
+     * ending returns to them, and their next charge needs no stack walk */
+    po_labelset *prev_labels;
+    struct po_agg *prev_agg;
+    uint64_t prev_gen;
+    uint32_t prev_sample;
 } po_thread;
 
 extern po_thread po_threads[PO_MAX_THREADS];
@@ -206,6 +212,9 @@ void po_sample_from_handler(po_thread *t);
  * with its current stack (own frames trimmed), then put `labels` (a new reference the
  * slot takes) in its slot. */
 void po_switch_labels(po_thread *t, po_labelset *labels);
+/* under po_lock: the slot takes `labels` (a reference) without charging anything; for
+ * changes made from another thread, whose stack is not ours to walk */
+void po_put_labels_locked(po_thread *t, po_labelset *labels);
 /* GVL, on the calling thread just after it switched to the fiber whose labels are `f`
  * (NULL: none of its own): as po_switch_labels, but the old labels' CPU goes to their last
  * sample, or to a "(fiber switch)" frame when they had none (the old fiber's stack is

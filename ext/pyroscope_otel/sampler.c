@@ -113,14 +113,28 @@ static void charge_tail_locked(po_thread *t, int fiber_switch)
     po_stat_label_flushes++;
 }
 
-/* Under po_lock: `labels` (a reference the slot takes) replaces the thread's labels. */
-static void put_labels_locked(po_thread *t, po_labelset *labels)
+/* Under po_lock: `labels` (a reference the slot takes) replaces the thread's labels; the
+ * old ones are remembered with their last sample, which comes back with them. */
+void po_put_labels_locked(po_thread *t, po_labelset *labels)
 {
     po_labelset *old = t->labels;
+    struct po_agg *old_agg = t->last_agg;
+    uint64_t old_gen = t->last_gen;
+    uint32_t old_sample = t->last_sample;
+    if (labels == t->prev_labels) {
+        t->last_agg = t->prev_agg;
+        t->last_gen = t->prev_gen;
+        t->last_sample = t->prev_sample;
+    } else {
+        t->last_agg = NULL;
+    }
+    po_labelset_unref(t->prev_labels);
+    t->prev_labels = old; /* the slot's reference moves here */
+    t->prev_agg = old_agg;
+    t->prev_gen = old_gen;
+    t->prev_sample = old_sample;
     t->labels = labels;
-    t->last_agg = NULL;
     t->label_changes++;
-    po_labelset_unref(old);
 }
 
 void po_switch_labels(po_thread *t, po_labelset *labels)
@@ -128,7 +142,7 @@ void po_switch_labels(po_thread *t, po_labelset *labels)
     po_lock();
     if (labels != t->labels) {
         charge_tail_locked(t, 0);
-        put_labels_locked(t, labels);
+        po_put_labels_locked(t, labels);
     } else {
         po_labelset_unref(labels); /* the same set: nothing to charge, the slot has its reference */
     }
@@ -147,7 +161,7 @@ void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_label
         was->last_sample = t->last_sample;
     }
     po_fiber_labels_detach(t);
-    if (labels != t->labels) put_labels_locked(t, labels);
+    if (labels != t->labels) po_put_labels_locked(t, labels);
     else po_labelset_unref(labels);
     if (f) {
         f->on = t;

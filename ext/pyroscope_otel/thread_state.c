@@ -141,6 +141,7 @@ void po_thread_release(po_thread *t)
     po_fiber_labels_detach(t);
     po_labelset_unref(t->labels);
     po_labelset_unref(t->base);
+    po_labelset_unref(t->prev_labels);
     memset(t, 0, sizeof(*t));
 }
 
@@ -180,6 +181,7 @@ void po_threads_after_fork_child(void)
             po_fiber_labels_detach(t);
             po_labelset_unref(t->labels);
             po_labelset_unref(t->base);
+            po_labelset_unref(t->prev_labels);
             memset(t, 0, sizeof(*t));
         }
     }
