@@ -29,8 +29,9 @@ void po_stack_set_own_paths(VALUE paths)
     Check_Type(paths, T_ARRAY);
     long n = RARRAY_LEN(paths);
     for (long i = 0; i < n; i++) Check_Type(RARRAY_AREF(paths, i), T_STRING);
-    char **p = calloc(n ? n : 1, sizeof(char *));
-    long *l = calloc(n ? n : 1, sizeof(long));
+    size_t cap = n > 0 ? (size_t)n : 1;
+    char **p = calloc(cap, sizeof(char *));
+    long *l = calloc(cap, sizeof(long));
     for (long i = 0; p && l && i < n; i++) {
         VALUE s = RARRAY_AREF(paths, i);
         l[i] = RSTRING_LEN(s);
