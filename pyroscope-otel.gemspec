@@ -16,7 +16,7 @@ Gem::Specification.new do |spec|
   spec.homepage = "https://github.com/pyroscope-otel/pyroscope-otel"
   spec.required_ruby_version = ">= 3.1"
 
-  spec.files = Dir["lib/**/*.rb", "ext/pyroscope_otel/*.{c,h,rb,md}", "exe/*", "README.md", "LICENSE"]
+  spec.files = Dir["lib/**/*.rb", "lib/pyroscope/flamegraph/assets/*", "ext/pyroscope_otel/*.{c,h,rb,md}", "exe/*", "README.md", "LICENSE"]
   spec.bindir = "exe"
   spec.executables = Dir["exe/*"].map { |f| File.basename(f) }
   spec.require_paths = ["lib"]

@@ -96,10 +96,11 @@ static long positive(VALUE v, const char *name)
 }
 
 /* configure_transport(headers, connect_timeout_ms, timeout_ms, max_windows, max_bytes,
- *                     max_attempts, user_agent, ca_file_or_nil) */
-static VALUE native_configure_transport(VALUE self, VALUE hdrs, VALUE cto, VALUE to, VALUE mw, VALUE mb, VALUE ma,
-                                        VALUE ua, VALUE ca)
+ *                     max_attempts, user_agent, ca_file_or_nil, local_max_bytes) */
+static VALUE native_configure_transport(int argc, VALUE *argv, VALUE self)
 {
+    VALUE hdrs, cto, to, mw, mb, ma, ua, ca, lmb;
+    rb_scan_args(argc, argv, "9", &hdrs, &cto, &to, &mw, &mb, &ma, &ua, &ca, &lmb);
     (void)self;
     Check_Type(hdrs, T_ARRAY);
     po_transport_config c;
@@ -109,6 +110,7 @@ static VALUE native_configure_transport(VALUE self, VALUE hdrs, VALUE cto, VALUE
     c.max_windows = (size_t)positive(mw, "queue_max_windows");
     c.max_bytes = (size_t)positive(mb, "queue_max_bytes");
     c.max_attempts = (int)positive(ma, "max_attempts");
+    c.local_max_bytes = (size_t)positive(lmb, "local_max_bytes");
     snprintf(c.user_agent, sizeof(c.user_agent), "%s", StringValueCStr(ua));
     if (!NIL_P(ca)) snprintf(c.ca_file, sizeof(c.ca_file), "%s", StringValueCStr(ca));
     struct curl_slist *list = NULL;
@@ -168,7 +170,7 @@ static VALUE native_upload_events(VALUE self)
 void po_export_binding_init(VALUE mNative)
 {
     po_transport_init();
-    rb_define_singleton_method(mNative, "_configure_transport", native_configure_transport, 8);
+    rb_define_singleton_method(mNative, "_configure_transport", native_configure_transport, -1);
     rb_define_singleton_method(mNative, "_enqueue", native_enqueue, 4);
     rb_define_singleton_method(mNative, "_encode", native_encode, 2);
     rb_define_singleton_method(mNative, "flush", native_flush, 1);

@@ -11,6 +11,7 @@
 
 static VALUE mNative;
 void po_export_binding_init(VALUE mNative);
+void po_pprof_read_init(VALUE mNative);
 
 static void roots_mark(void *p)
 {
@@ -146,4 +147,5 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
     rb_define_const(mNative, "MAX_THREADS", INT2NUM(PO_MAX_THREADS));
     po_export_binding_init(mNative);
     po_label_slots_init(mNative);
+    po_pprof_read_init(mNative);
 }

@@ -19,6 +19,9 @@
  * changes (first failure of a kind, recovery), and the Ruby side drains them into its
  * Logger. Events name the URL without user info and never carry headers.
  *
+ * A job whose URL is file://<path> is written to files by local_store.c instead of
+ * POSTed, with the same splitting, retries and counters.
+ *
  * Fork: the thread does not exist in the child; the atfork child handler resets the lock
  * and forgets the parent's queue (the parent sends it), so the child starts afresh.
  */
@@ -217,7 +220,12 @@ static void *uploader(void *arg)
                 snprintf(err, sizeof(err), "out of memory while encoding");
                 break;
             }
-            kind = post(curl, j, gz, glen, &retry_after, err, sizeof(err));
+            if (strncmp(j->url, "file://", 7) == 0) {
+                int r = po_local_store(j->url + 7, j->next_chunk, gz, glen, cfg.local_max_bytes, err, sizeof(err));
+                kind = r == PO_STORE_OK ? PO_OK : r == PO_STORE_RETRY ? PO_NET : PO_REJECTED;
+            } else {
+                kind = post(curl, j, gz, glen, &retry_after, err, sizeof(err));
+            }
             free(gz);
             requests++;
             if (kind == PO_OK) { j->next_chunk++; sent_bytes += glen; }

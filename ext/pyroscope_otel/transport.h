@@ -12,6 +12,7 @@ typedef struct po_transport_config {
     long connect_timeout_ms, timeout_ms;
     size_t max_windows, max_bytes;
     int max_attempts;
+    size_t local_max_bytes; /* the local target's cap on its directory's profiles */
     char user_agent[128];
     char ca_file[512];
 } po_transport_config;
@@ -28,5 +29,11 @@ int po_transport_flush(double timeout_s); /* GVL; waits without it; 1 when the q
 void po_transport_stats_read(po_transport_stats *out, char *err, size_t errlen);
 int po_transport_next_event(int *level, char *msg, size_t len);
 void po_transport_after_fork_child(void);
+
+/* local_store.c, on the uploader thread: one gzipped pprof file of a window at
+ * base[.chunk].pb.gz, then the directory pruned to max_bytes. */
+enum { PO_STORE_OK = 0, PO_STORE_RETRY, PO_STORE_FAILED };
+int po_local_store(const char *base, uint32_t chunk, const uint8_t *gz, size_t len, size_t max_bytes, char *err,
+                   size_t errlen);
 
 #endif

@@ -116,7 +116,7 @@ module Pyroscope
         basic_auth_password: config.basic_auth_password, tenant_id: config.tenant_id, http_headers: config.http_headers,
         tags: tags, upload_interval: config.upload_interval, connect_timeout: config.connect_timeout,
         timeout: config.timeout, queue_max_windows: config.queue_max_windows, queue_max_bytes: config.queue_max_bytes,
-        exit_timeout: config.exit_timeout
+        exit_timeout: config.exit_timeout, local_max_bytes: config.local_max_bytes
       )
     end
 

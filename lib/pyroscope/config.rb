@@ -11,7 +11,7 @@ module Pyroscope
     :compression, :report_encoding, :autoinstrument_rails, :http_headers,
     # this gem's own
     :logger, :upload_interval, :connect_timeout, :timeout, :queue_max_windows, :queue_max_bytes, :max_depth,
-    :max_samples, :exit_timeout
+    :max_samples, :exit_timeout, :local_max_bytes
   ) do
     def initialize(*)
       super
@@ -40,6 +40,7 @@ module Pyroscope
       self.max_depth ||= Native::DEFAULT_MAX_DEPTH
       self.max_samples ||= Native::DEFAULT_MAX_SAMPLES
       self.exit_timeout ||= 5
+      self.local_max_bytes ||= 256 << 20
     end
 
     # Environment variables the `pyroscope` gem and its agents read, and the member each

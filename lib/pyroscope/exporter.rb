@@ -3,12 +3,16 @@
 require "logger"
 require "rbconfig"
 require "uri"
+require "fileutils"
 
 module Pyroscope
   # Takes the sampler's window every `upload_interval` seconds (aligned to the wall clock)
   # and hands it to the native uploader: the Ruby part (frames to strings, the export
   # model) runs on this class's own thread, which the sampler never samples; encoding,
   # gzip and HTTP run on the uploader's native thread without the GVL.
+  # A server_address of file:///some/dir is the local target: the same windows are written
+  # there as gzipped pprof files (<app>-<UTC start>-<pid>[.<part>].pb.gz), at most
+  # local_max_bytes of them, the oldest removed first.
   class Exporter
     APP_NAME = %r{\A[A-Za-z0-9_.\-/]+\z}
     SPY_NAME = "rbspy" # what Pyroscope's UI knows as Ruby; the Ruby SDK sent it too
@@ -20,7 +24,7 @@ module Pyroscope
                    auth_token: nil, basic_auth_username: nil, basic_auth_password: nil, tenant_id: nil,
                    http_headers: {}, tags: {}, upload_interval: 10, connect_timeout: 5, timeout: 10,
                    queue_max_windows: 12, queue_max_bytes: 64 << 20, max_attempts: 5, ca_file: nil,
-                   app_root: Dir.pwd, exit_timeout: 5)
+                   app_root: Dir.pwd, exit_timeout: 5, local_max_bytes: 256 << 20)
       @app = check_app_name(application_name)
       @uri = check_server(server_address)
       @logger = logger
@@ -31,7 +35,8 @@ module Pyroscope
       headers = request_headers(auth_token, basic_auth_username, basic_auth_password, tenant_id, http_headers)
       Native._configure_transport(headers, ms(:connect_timeout, connect_timeout), ms(:timeout, timeout),
                                   Integer(queue_max_windows), Integer(queue_max_bytes), Integer(max_attempts),
-                                  "pyroscope-otel/#{VERSION} ruby/#{RUBY_VERSION}", ca_file)
+                                  "pyroscope-otel/#{VERSION} ruby/#{RUBY_VERSION}", ca_file,
+                                  Integer(local_max_bytes))
       @exit_timeout = check_positive(:exit_timeout, exit_timeout)
       @gvl_ns = 0
       @mutex = Mutex.new
@@ -102,12 +107,19 @@ module Pyroscope
     end
 
     def url(from, till)
+      if @uri.scheme == "file"
+        stamp = Time.at(from).utc.strftime("%Y%m%dT%H%M%SZ")
+        return "file://#{@uri.path}/#{@app.tr("/", "_")}-#{stamp}-#{Process.pid}"
+      end
+
       query = URI.encode_www_form(name: @app, from: from, until: till, format: "pprof",
                                   sampleRate: @sample_rate, spyName: SPY_NAME)
       "#{@uri}/ingest?#{query}"
     end
 
     def log_url
+      return @uri.to_s if @uri.scheme == "file"
+
       @log_url ||= begin
         safe = @uri.dup
         safe.user = nil
@@ -146,8 +158,9 @@ module Pyroscope
 
     def check_server(address)
       uri = URI.parse(address.to_s)
+      return local_dir(uri, address) if uri.scheme == "file"
       unless %w[http https].include?(uri.scheme) && uri.host && !uri.host.empty?
-        raise ArgumentError, "server_address must be an http:// or https:// URL, got #{address.inspect}"
+        raise ArgumentError, "server_address must be an http:// or https:// URL or file:///dir, got #{address.inspect}"
       end
 
       uri.query = nil
@@ -155,7 +168,22 @@ module Pyroscope
       uri.path = uri.path.chomp("/")
       uri
     rescue URI::InvalidURIError
-      raise ArgumentError, "server_address must be an http:// or https:// URL, got #{address.inspect}"
+      raise ArgumentError, "server_address must be an http:// or https:// URL or file:///dir, got #{address.inspect}"
+    end
+
+    def local_dir(uri, address)
+      path = URI.decode_www_form_component(uri.path.to_s)
+      unless uri.host.to_s.empty? || uri.host == "localhost"
+        raise ArgumentError, "server_address: a file:// URL names a local directory (file:///dir), got #{address.inspect}"
+      end
+      raise ArgumentError, "server_address: file:// needs an absolute directory, got #{address.inspect}" if path.empty?
+
+      FileUtils.mkdir_p(path)
+      raise ArgumentError, "server_address: cannot write to #{path}" unless File.writable?(path)
+
+      URI::File.build(path: File.realpath(path).chomp("/"))
+    rescue SystemCallError => e
+      raise ArgumentError, "server_address: cannot create #{path}: #{e.message}"
     end
 
     def check_positive(name, value)

@@ -1,0 +1,179 @@
+# frozen_string_literal: true
+
+require "json"
+require "pyroscope/native"
+
+module Pyroscope
+  # Profiles read back from pprof files (the local target's, or any CPU pprof), filtered
+  # by labels and rendered as a self-contained HTML flame graph with d3-flame-graph.
+  class Flamegraph
+    ASSETS = File.join(__dir__, "flamegraph", "assets")
+    SCRIPTS = %w[d3-d3.min.js d3-flame-graph-d3-flamegraph.min.js d3-flame-graph-d3-flamegraph-tooltip.min.js].freeze
+    STYLE = "d3-flame-graph-d3-flamegraph.css"
+    SPAN_ID_LABELS = %w[profile_id span_id].freeze
+    SPAN_NAME_LABELS = %w[span span_name].freeze
+    PROFILE_FILES = "*.{pb.gz,pprof,pb,pprof.gz}"
+
+    Sample = Struct.new(:frames, :labels, :cpu_ns) # frames leaf first, each [name, file, line]
+    Span = Struct.new(:id, :name, :cpu_ns, :samples)
+
+    attr_reader :samples, :files
+
+    # Reads files and directories (their *.pb.gz, *.pprof files). Raises ArgumentError
+    # naming a path that is missing or not a profile.
+    def self.load(paths)
+      files = paths.flat_map do |path|
+        next Dir.glob(File.join(path, PROFILE_FILES)).sort if File.directory?(path)
+        raise ArgumentError, "no such file or directory: #{path}" unless File.exist?(path)
+
+        [path]
+      end
+      samples = files.flat_map { |file| read(file) }
+      new(samples, files)
+    end
+
+    def self.read(file)
+      profile = Native.read_pprof(File.binread(file))
+      index = profile[:sample_types].index(%w[cpu nanoseconds]) || 0
+      profile[:samples].map { |frames, labels, values| Sample.new(frames, labels, values[index].to_i) }
+    rescue ArgumentError => e
+      raise ArgumentError, "#{file}: #{e.message}"
+    end
+
+    def initialize(samples, files = [])
+      @samples = samples
+      @files = files
+    end
+
+    # Only the samples that carry every given label (String => String).
+    def filter(labels)
+      return self if labels.empty?
+
+      self.class.new(@samples.select { |s| labels.all? { |k, v| s.labels[k] == v } }, @files)
+    end
+
+    def total_ns
+      @samples.sum(&:cpu_ns)
+    end
+
+    # The spans found, by span id (profile_id or span_id) and name (span or span_name),
+    # most CPU first.
+    def spans
+      found = {}
+      @samples.each do |s|
+        id = s.labels.values_at(*SPAN_ID_LABELS).compact.first
+        next unless id
+
+        name = s.labels.values_at(*SPAN_NAME_LABELS).compact.first
+        span = (found[[id, name]] ||= Span.new(id, name, 0, 0))
+        span.cpu_ns += s.cpu_ns
+        span.samples += 1
+      end
+      found.values.sort_by { |span| [-span.cpu_ns, span.id] }
+    end
+
+    # The call tree, root first: nodes { name:, file:, line:, value: (CPU ns, inclusive),
+    # children: [] }, frames merged by function name and file; `line` is the line that
+    # used the most CPU under it.
+    def tree
+      root = node("all", "")
+      @samples.each do |s|
+        next unless s.cpu_ns.positive?
+
+        root[:value] += s.cpu_ns
+        at = root
+        s.frames.reverse_each do |name, file, line|
+          at = (at[:kids][[name, file]] ||= node(name, file))
+          at[:value] += s.cpu_ns
+          at[:lines][line] += s.cpu_ns
+        end
+      end
+      finish(root)
+    end
+
+    def to_html(title:, subtitle: "")
+      assets = SCRIPTS + [STYLE]
+      missing = assets.reject { |a| File.exist?(File.join(ASSETS, a)) }
+      raise Error, "flame graph assets missing (#{missing.join(", ")}): run `rake assets` in the checkout" unless missing.empty?
+
+      data = JSON.generate(tree).gsub("</", "<\\/")
+      scripts = SCRIPTS.map { |a| "<script>#{File.read(File.join(ASSETS, a)).gsub("</script", "<\\/script")}</script>" }
+      format(TEMPLATE, title: escape(title), subtitle: escape(subtitle), style: File.read(File.join(ASSETS, STYLE)),
+                       scripts: scripts.join("\n"), data: data)
+    end
+
+    class Error < StandardError; end
+
+    private
+
+    def node(name, file)
+      { name: name, file: file, value: 0, lines: Hash.new(0), kids: {} }
+    end
+
+    def finish(n)
+      line = n[:lines].max_by { |_, ns| ns }&.first
+      children = n[:kids].values.map { |k| finish(k) }.sort_by { |k| -k[:value] }
+      { name: n[:name], file: n[:file], line: line, value: n[:value], children: children }
+    end
+
+    def escape(text)
+      text.to_s.gsub("&", "&amp;").gsub("<", "&lt;").gsub(">", "&gt;").gsub('"', "&quot;")
+    end
+
+    TEMPLATE = <<~HTML
+      <!DOCTYPE html>
+      <html lang="en">
+      <head>
+      <meta charset="utf-8">
+      <title>%<title>s</title>
+      <style>
+      %<style>s
+      body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0; color: #222; }
+      header { padding: 14px 24px 6px; }
+      h1 { font-size: 20px; margin: 0 0 4px; }
+      .sub { color: #555; font-size: 13px; margin: 0; }
+      #controls { padding: 6px 24px; font-size: 13px; }
+      #controls input { width: 260px; }
+      #chart { margin: 0 24px; }
+      #details { padding: 6px 24px 16px; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px;
+                 color: #333; min-height: 1.4em; }
+      .d3-flame-graph-tip { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; max-width: 640px; }
+      .d3-flame-graph-tip .file { color: #bbb; }
+      </style>
+      %<scripts>s
+      </head>
+      <body>
+      <header><h1>%<title>s</h1><p class="sub">%<subtitle>s</p></header>
+      <div id="controls">
+        <form id="search"><input id="term" type="search" placeholder="highlight frames matching a regexp">
+        <button type="submit">Search</button> <button type="button" id="reset">Reset zoom</button></form>
+      </div>
+      <div id="chart"></div>
+      <div id="details">Hover a frame for its file and line; click it to zoom.</div>
+      <script>
+      const data = %<data>s;
+      const total = data.value || 1;
+      const ms = ns => (ns / 1e6).toLocaleString(undefined, { maximumFractionDigits: ns < 1e7 ? 2 : 0 }) + " ms";
+      const pct = ns => (100 * ns / total).toFixed(2) + "%%";
+      const esc = s => String(s).replace(/[&<>"]/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
+      const where = d => d.data.file ? d.data.file + (d.data.line ? ":" + d.data.line : "") : "";
+      const text = d => d.data.name + "  " + ms(d.value) + " CPU, " + pct(d.value) + (where(d) ? "  " + where(d) : "");
+      const tip = flamegraph.tooltip.defaultFlamegraphTooltip().html(d =>
+        "<b>" + esc(d.data.name) + "</b><br><span class=\\"file\\">" + esc(where(d)) + "</span><br>" +
+        ms(d.value) + " CPU, " + pct(d.value) + " of the total");
+      const chartEl = document.getElementById("chart");
+      const chart = flamegraph().width(chartEl.clientWidth).cellHeight(18).minFrameSize(1).sort(true)
+        .transitionDuration(250).label(text).tooltip(tip).setDetailsElement(document.getElementById("details"));
+      d3.select(chartEl).datum(data).call(chart);
+      document.getElementById("search").addEventListener("submit", e => {
+        e.preventDefault();
+        const term = document.getElementById("term").value;
+        term ? chart.search(term) : chart.clear();
+      });
+      document.getElementById("reset").addEventListener("click", () => chart.resetZoom());
+      </script>
+      </body>
+      </html>
+    HTML
+  end
+end
