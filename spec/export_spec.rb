@@ -237,7 +237,7 @@ RSpec.describe Pyroscope::Exporter do
     expect { described_class.new(application_name: "my app{x}", server_address: receiver.url, logger: Logger.new(log)) }
       .to raise_error(ArgumentError, /application_name must match .* got "my app\{x\}"/)
     expect { described_class.new(application_name: "ok", server_address: "ftp://x", logger: Logger.new(log)) }
-      .to raise_error(ArgumentError, %r{server_address must be an http:// or https:// URL, got "ftp://x"})
+      .to raise_error(ArgumentError, %r{server_address must be an http:// or https:// URL or file:///dir, got "ftp://x"})
     expect { described_class.new(application_name: "ok", server_address: receiver.url, logger: Logger.new(log), http_headers: { "X" => "a\r\nB: c" }) }
       .to raise_error(ArgumentError, /http_headers/)
   end

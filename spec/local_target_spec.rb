@@ -27,17 +27,18 @@ RSpec.describe "The local target" do
   def files = Dir[File.join(dir, "profiles", "*.pb.gz")].sort
 
   it "writes each window as a gzipped pprof file with its labels and global tags" do
+    dropped_before = Pyroscope::Native.upload_stats[:windows_dropped]
     configure
     Pyroscope.tag_wrapper({ "vehicle" => "bike" }) { work.find_nearest_bike(0.2) }
     Pyroscope.shutdown
-    expect(files.size).to eq(1)
-    expect(File.basename(files.first)).to match(/\Alocal_app-\d{8}T\d{6}Z-#{Process.pid}\.pb\.gz\z/)
-    samples = PprofDecoder.samples(PprofDecoder.decode(PprofDecoder.gunzip(File.binread(files.first))))
+    expect(files).not_to be_empty # one, or two when the run crossed a 10 s window boundary
+    files.each { |f| expect(File.basename(f)).to match(/\Alocal_app-\d{8}T\d{6}Z-#{Process.pid}\.pb\.gz\z/) }
+    samples = files.flat_map { |f| PprofDecoder.samples(PprofDecoder.decode(PprofDecoder.gunzip(File.binread(f)))) }
     bike = samples.select { |s| s[:labels]["vehicle"] == "bike" }
     expect(bike.sum { |s| s[:cpu_ns] }).to be_within(40_000_000).of(200_000_000)
     expect(bike.flat_map { |s| s[:frames].map(&:first) }).to include("Workload#find_nearest_bike")
     expect(samples.map { |s| s[:labels]["region"] }.uniq).to eq(["test"])
-    expect(Pyroscope::Native.upload_stats[:windows_dropped]).to eq(0)
+    expect(Pyroscope::Native.upload_stats[:windows_dropped]).to eq(dropped_before)
   end
 
   it "keeps the directory under local_max_bytes, removing the oldest files first" do

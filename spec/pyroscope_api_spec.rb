@@ -48,7 +48,7 @@ RSpec.describe Pyroscope do
       before = described_class.current_config
       {
         { application_name: "bad name{" } => /application_name must be set and match .*got "bad name\{"/,
-        { server_address: "ftp://x" } => %r{server_address must be an http:// or https:// URL, got "ftp://x"},
+        { server_address: "ftp://x" } => %r{server_address must be an http:// or https:// URL or file:///dir, got "ftp://x"},
         { sample_rate: 0 } => /sample_rate must be an Integer in 1..1000 \(Hz\), got 0/,
         { sample_rate: "100" } => /sample_rate .* got "100"/,
         { log_level: "loud" } => /log_level must be one of trace, debug, info, warn, error, got "loud"/,
