@@ -1,60 +1,45 @@
 # frozen_string_literal: true
 
-# Sampling overhead: a fixed CPU-bound Ruby workload run with the sampler stopped (A) and
-# started at 100 Hz (B), interleaved A B A B ... in one process, each run timed by the
-# thread's CPU clock (the handler runs on the sampled thread, so its cost is in it) and by
-# the wall clock. Prints the median, min and max of the B/A ratios.
-#   ruby -Ilib bench/sampler_overhead.rb [pairs] [rounds]
-require "pyroscope"
+# Sampling overhead at 100 Hz: a fixed CPU-bound Ruby workload (~5 s) with no profiler,
+# with this gem's sampler, and with stackprof in CPU mode at the same interval, run
+# interleaved (none, gem, stackprof, none, ...) in fresh processes; each run's cost is
+# its thread's CPU time. Prints the ratios to the unprofiled run: median (min–max).
+#   ruby -Ilib bench/sampler_overhead.rb [triples] [seconds per run]
+require "rbconfig"
+require_relative "support"
 
-PAIRS = Integer(ARGV[0] || 7)
-ROUNDS = Integer(ARGV[1] || 200_000)
+TRIPLES = Integer(ARGV[0] || (Bench.quick? ? 3 : 7))
+SECONDS = Float(ARGV[1] || (Bench.quick? ? 1 : 5))
+WORKER = File.expand_path("overhead_worker.rb", __dir__)
+LIB = File.expand_path("../lib", __dir__)
 
-def fib(n) = n < 2 ? n : fib(n - 1) + fib(n - 2)
+# Every run on the same CPU: unpinned, the same work was seen to take 1.2 s or 2.0 s
+# depending on where the scheduler put the process, which drowned the ratios.
+PIN = system("taskset -c 0 true", err: File::NULL) ? %w[taskset -c 1] : []
 
-def workload
-  acc = 0
-  ROUNDS.times do |i|
-    acc += fib(12) + [i, acc].max
-    acc %= 1_000_003
-  end
-  acc
+def run(*args)
+  out = IO.popen([*PIN, RbConfig.ruby, "-I", LIB, WORKER, *args.map(&:to_s)], &:read)
+  raise "worker #{args.first} failed" unless $?.success?
+
+  out
 end
 
-def timed
-  cpu0 = Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID)
-  wall0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
-  yield
-  [Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID) - cpu0, Process.clock_gettime(Process::CLOCK_MONOTONIC) - wall0]
+rounds = Integer(run("calibrate", SECONDS))
+runs = Hash.new { |h, k| h[k] = [] }
+TRIPLES.times do
+  %w[none gem stackprof].each { |mode| runs[mode] << JSON.parse(run(mode, rounds), symbolize_names: true) }
 end
-
-def stats(values)
-  sorted = values.sort
-  { median: sorted[sorted.size / 2], min: sorted.first, max: sorted.last }
-end
-
-workload # warm-up
-ratios = { cpu: [], wall: [] }
-base_cpu = []
-samples = 0
-PAIRS.times do
-  a = timed { workload }
-  Pyroscope::Native.start(sample_rate: 100)
-  b = timed { workload }
-  Pyroscope::Native.stop
-  samples += Pyroscope::Native.take_window[:samples].sum { |s| s[3] }
-  base_cpu << a[0]
-  ratios[:cpu] << b[0] / a[0]
-  ratios[:wall] << b[1] / a[1]
-end
-
-stats_now = Pyroscope::Native.stats
-per_sample = stats_now[:sampling_cpu_ns].to_f / stats_now[:samples]
-puts format("ruby %s, %d pairs, unprofiled run %.2f s CPU, %d samples taken in the profiled runs",
-            RUBY_VERSION, PAIRS, stats(base_cpu)[:median], samples)
-puts format("  sampler's own CPU per sample (stack walk + aggregation): %.1f us, %.4f%% of a thread's CPU at 100 Hz",
-            per_sample / 1000, per_sample * 100 / 1e9 * 100)
-ratios.each do |kind, values|
-  s = stats(values)
-  puts format("  %-4s ratio profiled/unprofiled: median %.4f  (min %.4f, max %.4f)", kind, s[:median], s[:min], s[:max])
-end
+ratio = ->(mode, key) { runs[mode].zip(runs["none"]).map { |b, a| b[key] / a[key] } }
+gem_cpu = ratio.call("gem", :cpu)
+sp_cpu = ratio.call("stackprof", :cpu)
+puts "Sampling overhead at 100 Hz, Ruby #{RUBY_VERSION}: #{TRIPLES} interleaved triples of ~#{SECONDS} s " \
+     "(#{Bench.median(runs["none"].map { |r| r[:cpu] }).round(2)} s CPU unprofiled)"
+Bench.report([
+  { bench: "overhead", metric: "CPU ratio, this gem / none", value: Bench.spread(gem_cpu),
+    target: "≤ 1.005 and below stackprof", met: Bench.median(gem_cpu) <= 1.005 && Bench.median(gem_cpu) < Bench.median(sp_cpu) },
+  { bench: "overhead", metric: "CPU ratio, stackprof (cpu mode) / none", value: Bench.spread(sp_cpu) },
+  { bench: "overhead", metric: "wall ratio, this gem / none", value: Bench.spread(ratio.call("gem", :wall)) },
+  { bench: "overhead", metric: "wall ratio, stackprof / none", value: Bench.spread(ratio.call("stackprof", :wall)) },
+  { bench: "overhead", metric: "samples per run, this gem / stackprof",
+    value: "#{Bench.median(runs["gem"].map { |r| r[:samples] })} / #{Bench.median(runs["stackprof"].map { |r| r[:samples] })}" },
+])

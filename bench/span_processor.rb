@@ -7,9 +7,10 @@
 # thread's CPU clock; prints spans/s and the ns per span added, median (min..max).
 #   ruby -Ilib bench/span_processor.rb [rounds] [spans per run]
 require "pyroscope/otel"
+require_relative "support"
 
-ROUNDS = Integer(ARGV[0] || 7)
-SPANS = Integer(ARGV[1] || 50_000)
+ROUNDS = Integer(ARGV[0] || (Bench.quick? ? 3 : 7))
+SPANS = Integer(ARGV[1] || (Bench.quick? ? 10_000 : 50_000))
 
 def tracer(*processors)
   provider = OpenTelemetry::SDK::Trace::TracerProvider.new
@@ -23,11 +24,11 @@ def run(tracer)
   Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID) - before
 end
 
-def summary(values)
-  sorted = values.sort
-  format("%<m>.0f (%<lo>.0f..%<hi>.0f)", m: sorted[sorted.size / 2], lo: sorted.first, hi: sorted.last)
+clock_ns = begin
+  t = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+  100_000.times { Pyroscope::Native.thread_cpu_ns }
+  (Process.clock_gettime(Process::CLOCK_MONOTONIC) - t) / 100_000 * 1e9
 end
-
 plain = tracer
 labelled = tracer(Pyroscope::Otel::SpanProcessor.new("bench.cpu", "http://localhost:4040"))
 run(plain) && run(labelled) # warm-up
@@ -42,10 +43,13 @@ ROUNDS.times do
   Pyroscope::Native.take_window
 end
 
+added = ->(k) { times[k].zip(times[:sdk]).map { |b, a| (b - a) / SPANS * 1e9 } }
 puts "Span processor cost, Ruby #{RUBY_VERSION}, #{ROUNDS} interleaved rounds of #{SPANS} root spans (thread CPU)"
-puts format("  %-34s %s spans/s", "OTel SDK alone", summary(times[:sdk].map { |t| SPANS / t }))
-%i[processor sampling].each do |k|
-  added = times[k].zip(times[:sdk]).map { |b, a| (b - a) / SPANS * 1e9 }
-  label = k == :processor ? "+ this processor (sampler stopped)" : "+ this processor, sampling 100 Hz"
-  puts format("  %-34s %s spans/s, %s ns added per span", label, summary(times[k].map { |t| SPANS / t }), summary(added))
-end
+Bench.report([
+  { bench: "spans", metric: "OTel SDK alone, spans/s", value: Bench.spread(times[:sdk].map { |t| SPANS / t }, 0) },
+  { bench: "spans", metric: "+ processor, sampler stopped: ns/span added", value: Bench.spread(added.call(:processor), 0),
+    target: "≤ 1 000 ns", met: Bench.median(added.call(:processor)) <= 1000 },
+  { bench: "spans", metric: "+ processor, sampling 100 Hz: ns/span added", value: Bench.spread(added.call(:sampling), 0),
+    target: "≤ 1 000 ns", met: Bench.median(added.call(:sampling)) <= 1000 },
+  { bench: "spans", metric: "thread CPU clock read (2 per span when sampling)", value: format("%.0f ns", clock_ns) },
+])

@@ -1,0 +1,69 @@
+# frozen_string_literal: true
+
+# Memory: RSS after 1 000 000 distinct span ids (root spans through the real SDK and this
+# gem's processor, sampled at 100 Hz, windows written to the local target every second),
+# above the RSS after a warm-up; then the RSS slope of a steady run (spans, tags, thread
+# churn) sampled every 5 s, over its second half.
+#   ruby -Ilib bench/memory.rb [spans] [steady seconds]
+require "logger"
+require "tmpdir"
+require "pyroscope"
+require "pyroscope/otel"
+require_relative "support"
+
+SPANS = Integer(ARGV[0] || (Bench.quick? ? 100_000 : 1_000_000))
+STEADY = Float(ARGV[1] || (Bench.quick? ? 20 : 600))
+
+dir = Dir.mktmpdir("bench-memory")
+Pyroscope.configure do |c|
+  c.application_name = "bench.memory"
+  c.server_address = "file://#{dir}"
+  c.upload_interval = 1
+  c.local_max_bytes = 32 << 20
+  c.logger = Logger.new(nil)
+end
+provider = OpenTelemetry::SDK::Trace::TracerProvider.new
+provider.add_span_processor(Pyroscope::Otel::SpanProcessor.new)
+tracer = provider.tracer("bench")
+work = ->(i) { (i % 50).times.sum { |k| k * i } }
+spans = ->(n, offset = 0) { n.times { |i| tracer.in_span("route#{i % 20}") { work.call(i + offset) } } }
+
+spans.call(20_000)
+GC.start
+base = Bench.rss_kb
+t0 = Bench.mono
+spans.call(SPANS, 20_000)
+elapsed = Bench.mono - t0
+sleep 1.5 # the last windows leave
+GC.start
+after = Bench.rss_kb
+stats = Pyroscope::Native.upload_stats
+grown = (after - base) / 1024.0
+puts "Memory, Ruby #{RUBY_VERSION}: #{SPANS} distinct span ids in #{elapsed.round(1)} s, " \
+     "#{stats[:windows_sent]} windows written, #{stats[:windows_dropped]} dropped"
+
+rss = []
+stop_at = Bench.mono + STEADY
+k = 0
+until Bench.mono > stop_at
+  Thread.new { Pyroscope.tag_wrapper({ "job" => (k % 7).to_s }) { spans.call(2_000, k) } }.join
+  k += 1
+  if rss.empty? || Bench.mono - rss.last[0] >= 5
+    GC.start
+    rss << [Bench.mono, Bench.rss_kb]
+  end
+end
+half = rss.drop(rss.size / 2)
+mean_t = half.sum { |t, _| t } / half.size
+mean_r = half.sum { |_, r| r } / half.size.to_f
+slope = half.sum { |t, r| (t - mean_t) * (r - mean_r) } / half.sum { |t, _| (t - mean_t)**2 }.nonzero?.to_f
+slope_mb_min = (slope.nan? ? 0 : slope) * 60 / 1024
+Pyroscope.shutdown
+FileUtils.rm_rf(dir)
+Bench.report([
+  { bench: "memory", metric: "RSS growth after #{SPANS} distinct span ids", value: format("%.1f MB", grown),
+    target: "≤ 20 MB", met: grown <= 20 },
+  { bench: "memory", metric: "RSS slope, steady #{STEADY.round} s (second half)",
+    value: format("%+.2f MB/min (RSS %.0f → %.0f MB)", slope_mb_min, rss.first[1] / 1024.0, rss.last[1] / 1024.0),
+    target: "flat", met: slope_mb_min.abs < 0.5 },
+])
