@@ -51,10 +51,12 @@ end
 # A recorded window of 5 000 distinct stacks (~35 frames) over 1 000 span ids: each stack
 # is a distinct path through ten methods under 25 frames of padding, recorded by the
 # sampler itself at a label change (a boundary charge), so take_window sees real frames.
+# (real methods: ten define_method blocks would share one block iseq, i.e. one frame)
+def leaf(i) = N.set_labels({ "profile_id" => format("%016x", i % 1000), "span" => "route#{i % 20}" })
 10.times do |d|
-  Object.define_method("path#{d}") do |rest, i|
-    rest.empty? ? N.set_labels({ "profile_id" => format("%016x", i % 1000), "span" => "route#{i % 20}" }) : send("path#{rest[0]}", rest[1..], i)
-  end
+  Object.class_eval(<<~RUBY, __FILE__, __LINE__ + 1)
+    def path#{d}(rest, i) = rest.empty? ? leaf(i) : send("path\#{rest[0]}", rest[1..], i)
+  RUBY
 end
 def pad(n, i) = n.zero? ? send("path#{i % 10}", format("%04d", i).chars.map(&:to_i), i) : pad(n - 1, i)
 

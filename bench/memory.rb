@@ -12,7 +12,7 @@ require "pyroscope/otel"
 require_relative "support"
 
 SPANS = Integer(ARGV[0] || (Bench.quick? ? 100_000 : 1_000_000))
-STEADY = Float(ARGV[1] || (Bench.quick? ? 20 : 600))
+STEADY = Float(ARGV[1] || ENV["BENCH_STEADY_SECONDS"] || (Bench.quick? ? 20 : 600))
 
 dir = Dir.mktmpdir("bench-memory")
 Pyroscope.configure do |c|

@@ -44,13 +44,15 @@ w0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
 workload(rounds)
 c1 = cpu.call
 w1 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+own_ns = 0
 samples = case mode
           when "gem"
             Pyroscope::Native.stop
+            own_ns = Pyroscope::Native.stats[:sampling_cpu_ns]
             Pyroscope::Native.take_window[:samples].sum { |s| s[3] }
           when "stackprof"
             StackProf.stop
             StackProf.results[:samples]
           else 0
           end
-puts JSON.generate(cpu: c1 - c0, wall: w1 - w0, samples: samples)
+puts JSON.generate(cpu: c1 - c0, wall: w1 - w0, samples: samples, own_ns: own_ns)

@@ -40,6 +40,10 @@ Bench.report([
   { bench: "overhead", metric: "CPU ratio, stackprof (cpu mode) / none", value: Bench.spread(sp_cpu) },
   { bench: "overhead", metric: "wall ratio, this gem / none", value: Bench.spread(ratio.call("gem", :wall)) },
   { bench: "overhead", metric: "wall ratio, stackprof / none", value: Bench.spread(ratio.call("stackprof", :wall)) },
+  { bench: "overhead", metric: "this gem's own CPU per sample (its clock)",
+    value: format("%.1f µs = %.3f %% of a busy thread at 100 Hz",
+                  per_sample = Bench.median(runs["gem"].map { |r| r[:own_ns] / 1e3 / [r[:samples], 1].max }),
+                  per_sample * 100 / 1e4) },
   { bench: "overhead", metric: "samples per run, this gem / stackprof",
     value: "#{Bench.median(runs["gem"].map { |r| r[:samples] })} / #{Bench.median(runs["stackprof"].map { |r| r[:samples] })}" },
 ])

@@ -37,15 +37,17 @@ def run(mode, dir)
     end
   end.each(&:join)
   io.close_write
+  server_cpu = Float(io.gets)
   io.read
   io.close
   all = latencies.flatten.sort
-  { rps: all.size / SECONDS, p50: percentile(all, 0.5), p99: percentile(all, 0.99) }
+  { rps: all.size / SECONDS, p50: percentile(all, 0.5), p99: percentile(all, 0.99), cpu_per_req: server_cpu / all.size }
 end
 
 runs = Hash.new { |h, k| h[k] = [] }
 Dir.mktmpdir("bench-web") do |dir|
-  PAIRS.times { %w[none profiled].each { |mode| runs[mode] << run(mode, dir) } }
+  modes = ENV.fetch("WEB_MODES", "none,profiled").split(",")
+  PAIRS.times { modes.each { |mode| runs[mode] << run(mode, dir) } }
 end
 ratios = ->(key) { runs["profiled"].zip(runs["none"]).map { |b, a| b[key] / a[key] } }
 rps = ratios.call(:rps)
@@ -58,6 +60,9 @@ Bench.report([
     value: "#{Bench.median(runs["none"].map { |r| r[:rps] }).round} → #{Bench.median(runs["profiled"].map { |r| r[:rps] }).round}" },
   { bench: "web", metric: "throughput ratio, profiled / none", value: Bench.spread(rps, 3), target: "≥ 0.99",
     met: Bench.median(rps) >= 0.99 },
+  { bench: "web", metric: "server CPU per request (incl. start-up), none → profiled",
+    value: "#{(Bench.median(runs["none"].map { |r| r[:cpu_per_req] }) * 1e6).round} µs → " \
+           "#{(Bench.median(runs["profiled"].map { |r| r[:cpu_per_req] }) * 1e6).round} µs" },
   { bench: "web", metric: "p50 latency, none → profiled", value: "#{ms.call("none", :p50)} → #{ms.call("profiled", :p50)}" },
   { bench: "web", metric: "p99 latency, none → profiled", value: "#{ms.call("none", :p99)} → #{ms.call("profiled", :p99)}" },
   { bench: "web", metric: "p99 ratio, profiled / none", value: Bench.spread(p99, 3), target: "≤ 1.02",

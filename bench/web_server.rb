@@ -3,7 +3,8 @@
 # The server of bench/web_overhead.rb: a Rack app on Puma with 8 threads, instrumented
 # with the OpenTelemetry SDK (a root span per request); with `profiled`, also profiled by
 # this gem (local target) with its span processor. Prints its port, serves until stdin closes.
-#   ruby -Ilib bench/web_server.rb none|profiled DIR
+#   ruby -Ilib bench/web_server.rb none|profiled|sampler|processor DIR
+#   (sampler: profiling without the span processor; processor: the processor, not sampling)
 require "logger"
 require "puma"
 require "puma/server"
@@ -11,9 +12,11 @@ require "opentelemetry/sdk"
 
 mode, dir = ARGV
 ENV["OTEL_TRACES_EXPORTER"] = "none"
-if mode == "profiled"
+if mode != "none"
   require "pyroscope"
   require "pyroscope/otel"
+end
+if %w[profiled sampler].include?(mode)
   Pyroscope.configure do |c|
     c.application_name = "bench.web"
     c.server_address = "file://#{dir}"
@@ -23,7 +26,7 @@ end
 OpenTelemetry::SDK.configure do |c|
   c.service_name = "bench.web"
   c.logger = Logger.new(nil)
-  c.add_span_processor(Pyroscope::Otel::SpanProcessor.new) if mode == "profiled"
+  c.add_span_processor(Pyroscope::Otel::SpanProcessor.new("bench.web.cpu", "http://localhost:4040")) if %w[profiled processor].include?(mode)
 end
 tracer = OpenTelemetry.tracer_provider.tracer("bench")
 
@@ -43,5 +46,7 @@ server.run
 $stdout.puts server.connected_ports.first
 $stdout.flush
 $stdin.read
+$stdout.puts Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) # the server's CPU, for CPU per request
+$stdout.flush
 server.stop(true)
-Pyroscope.shutdown if mode == "profiled"
+Pyroscope.shutdown if mode != "none"

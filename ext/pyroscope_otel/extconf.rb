@@ -40,6 +40,7 @@ end
 # Version-dependent Ruby APIs, detected by what the headers and libruby offer.
 have_func("rb_internal_thread_add_event_hook", "ruby/thread.h")       # 3.2: thread and GVL events
 have_func("rb_internal_thread_specific_key_create", "ruby/thread.h")  # 3.3: M:N threads exist
+have_func("rb_postponed_job_preregister", "ruby/debug.h")            # 3.3: signal-free sampling
 unless $defs.include?("-DHAVE_RB_INTERNAL_THREAD_ADD_EVENT_HOOK") || have_func("ruby_thread_has_gvl_p")
   abort "pyroscope-otel: this Ruby has neither thread event hooks nor ruby_thread_has_gvl_p"
 end

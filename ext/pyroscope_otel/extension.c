@@ -25,7 +25,7 @@ static const rb_data_type_t roots_type = {
     .function = { .dmark = roots_mark },
 };
 
-static VALUE native_start(VALUE self, VALUE rate, VALUE depth, VALUE max_samples)
+static VALUE native_start(VALUE self, VALUE rate, VALUE depth, VALUE max_samples, VALUE no_signals)
 {
     (void)self;
     int hz = NUM2INT(rate);
@@ -34,7 +34,7 @@ static VALUE native_start(VALUE self, VALUE rate, VALUE depth, VALUE max_samples
     if (d < 1 || d > PO_MAX_DEPTH_LIMIT) rb_raise(rb_eArgError, "max_depth must be 1..%d, got %d", PO_MAX_DEPTH_LIMIT, d);
     long m = NUM2LONG(max_samples);
     if (m < 16 || m > (1L << 24)) rb_raise(rb_eArgError, "max_samples must be 16..%ld, got %ld", 1L << 24, m);
-    return po_start(1000000000L / hz, d, (uint32_t)m) ? Qtrue : Qfalse;
+    return po_start(1000000000L / hz, d, (uint32_t)m, RTEST(no_signals)) ? Qtrue : Qfalse;
 }
 
 static VALUE native_stop(VALUE self)
@@ -102,6 +102,7 @@ static VALUE native_exclude_current_thread(VALUE self)
     if (!t) return Qfalse;
     po_lock();
     t->excluded = 1;
+    t->tracked = 0;
     po_timer_disarm(t);
     po_unlock();
     return Qtrue;
@@ -135,8 +136,9 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
     po_thread_events_init();
     rb_set_end_proc(stop_at_exit, Qnil);
     pthread_atfork(NULL, NULL, po_sampler_after_fork_child);
+    pthread_atfork(NULL, NULL, po_ticker_after_fork_child);
 
-    rb_define_singleton_method(mNative, "_start", native_start, 3);
+    rb_define_singleton_method(mNative, "_start", native_start, 4);
     rb_define_singleton_method(mNative, "stop", native_stop, 0);
     rb_define_singleton_method(mNative, "running?", native_running_p, 0);
     rb_define_singleton_method(mNative, "take_window", native_take_window, 0);

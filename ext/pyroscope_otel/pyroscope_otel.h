@@ -73,6 +73,7 @@ typedef struct po_thread {
     pid_t tid;              /* 0: free slot */
     volatile int holds_gvl; /* Ruby >= 3.2: kept by the GVL hooks */
     int has_timer;
+    int tracked;            /* its CPU is being accounted (sampled, and charged at label changes) */
     int excluded;           /* the gem's own Ruby threads: never given a timer */
     volatile int switching; /* inside a label change: its own samples are deferred to it */
     timer_t timer;
@@ -201,6 +202,7 @@ typedef struct po_config {
     long interval_ns;
     int max_depth;
     uint32_t max_samples;
+    int no_signals; /* no timers, no SIGPROF: the ticker's postponed jobs sample instead */
 } po_config;
 
 extern volatile int po_running;
@@ -222,7 +224,8 @@ void po_put_labels_locked(po_thread *t, po_labelset *labels);
  * reference that the slot takes. */
 void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_labelset *labels);
 void po_sampler_register_current(void); /* GVL: give the calling thread a timer */
-int po_start(long interval_ns, int max_depth, uint32_t max_samples); /* GVL; 0 if running */
+int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signals); /* GVL; 0 if running */
+void po_sample_on_gvl(void); /* GVL: sample the calling thread (the ticker's job) */
 int po_stop(void);                                                 /* GVL; 0 if stopped */
 void po_sampler_after_fork_child(void);
 po_agg *po_agg_buffers(void); /* both buffers, for marking */
@@ -237,6 +240,11 @@ void po_thread_events_start(void); /* GVL, on start */
 void po_thread_events_stop(void);  /* GVL, on stop */
 int po_current_thread_holds_gvl(po_thread *t); /* HANDLER-safe */
 int po_mn_threads_enabled(void);
+
+/* ---- ticker.c: the signal-free trigger (Ruby >= 3.3) ---------------------------------- */
+int po_ticker_start(long interval_ns); /* GVL; 0 when this Ruby cannot do it */
+void po_ticker_stop(void);             /* GVL */
+void po_ticker_after_fork_child(void);
 
 /* ---- window.c ---------------------------------------------------------------------- */
 VALUE po_take_window(void); /* GVL */

@@ -27,7 +27,7 @@
 #include <string.h>
 
 volatile int po_running;
-po_config po_cfg = { 10000000L, 512, 65536 };
+po_config po_cfg = { 10000000L, 512, 65536, 0 };
 po_agg *po_active;
 static po_agg bufs[2];
 static uint32_t bufs_cap;
@@ -43,6 +43,25 @@ int po_stat_last_timer_errno;
 po_agg *po_agg_buffers(void)
 {
     return bufs;
+}
+
+/* Under po_lock, on the sampled thread, which holds the GVL: its stack and the CPU it used
+ * since its previous sample, with a count of 1. */
+static void sample_locked(po_thread *t, VALUE *frames, int *lines)
+{
+    uint64_t now = po_thread_cpu_ns(t->tid);
+    if (now <= t->last_cpu_ns) return;
+    int n = po_stack_capture(frames, lines, po_cfg.max_depth, 0);
+    if (n <= 0) return;
+    uint32_t idx = po_agg_record(po_active, frames, lines, n, t->labels, now - t->last_cpu_ns, 1);
+    t->last_agg = idx == UINT32_MAX ? NULL : po_active;
+    t->last_gen = po_active->generation;
+    t->last_sample = idx;
+    po_stat_samples++;
+    /* the walk and the aggregation, on this thread's clock: the profiler's own cost,
+     * measured where it is spent; charged to the next sample, like any CPU */
+    t->last_cpu_ns = now;
+    po_stat_sampling_ns += po_thread_cpu_ns(t->tid) - now;
 }
 
 void po_sample_from_handler(po_thread *t)
@@ -63,23 +82,19 @@ void po_sample_from_handler(po_thread *t)
     }
     if (po_running && po_active) {
         if (t->has_timer) po_timer_rejitter(t); /* under po_lock: the timer cannot be deleted meanwhile */
-        uint64_t now = po_thread_cpu_ns(t->tid);
-        if (now > t->last_cpu_ns) {
-            int n = po_stack_capture(handler_frames, handler_lines, po_cfg.max_depth, 0);
-            if (n > 0) {
-                uint32_t idx = po_agg_record(po_active, handler_frames, handler_lines, n, t->labels,
-                                             now - t->last_cpu_ns, 1);
-                t->last_agg = idx == UINT32_MAX ? NULL : po_active;
-                t->last_gen = po_active->generation;
-                t->last_sample = idx;
-                po_stat_samples++;
-                /* the walk and the aggregation, on this thread's clock: the profiler's own
-                 * cost, measured where it is spent; charged to the next sample, like any CPU */
-                t->last_cpu_ns = now;
-                po_stat_sampling_ns += po_thread_cpu_ns(t->tid) - now;
-            }
-        }
+        sample_locked(t, handler_frames, handler_lines);
     }
+    po_unlock();
+}
+
+/* GVL, on the calling thread (the signal-free mode's postponed job): the same sample,
+ * taken where waiting for the lock is allowed. */
+void po_sample_on_gvl(void)
+{
+    po_thread *t = po_thread_current(0);
+    if (!t || !t->tracked || t->switching || rb_during_gc()) return;
+    po_lock();
+    if (po_running && po_active) sample_locked(t, gvl_frames, gvl_lines);
     po_unlock();
 }
 
@@ -89,7 +104,7 @@ void po_sample_from_handler(po_thread *t)
  * switch). */
 static void charge_tail_locked(po_thread *t, int fiber_switch)
 {
-    if (!po_running || !t->has_timer || !po_active || t->tid != po_gettid()) return;
+    if (!po_running || !t->tracked || !po_active || t->tid != po_gettid()) return;
     uint64_t now = po_thread_cpu_ns(t->tid);
     if (now <= t->last_cpu_ns) return;
     uint64_t tail = now - t->last_cpu_ns;
@@ -180,9 +195,11 @@ void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_label
 /* Under po_lock. */
 static void register_locked(po_thread *t, int holds_gvl)
 {
-    if (!po_running || t->has_timer || t->excluded) return;
+    if (!po_running || t->tracked || t->excluded) return;
     t->last_cpu_ns = po_thread_cpu_ns(t->tid);
     t->holds_gvl = holds_gvl;
+    t->tracked = 1;
+    if (po_cfg.no_signals) return; /* accounted at label changes and by the ticker's jobs */
     int err = po_timer_arm(t, (int)(t - po_threads), po_cfg.interval_ns);
     if (err) {
         po_stat_timer_errors++;
@@ -262,7 +279,7 @@ static VALUE register_each_thread(RB_BLOCK_CALL_FUNC_ARGLIST(thread, arg))
     return Qnil;
 }
 
-int po_start(long interval_ns, int max_depth, uint32_t max_samples)
+int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signals)
 {
     if (po_running) return 0;
     if (po_mn_threads_enabled()) {
@@ -270,12 +287,16 @@ int po_start(long interval_ns, int max_depth, uint32_t max_samples)
                 "Ruby threads, so per-thread CPU timers cannot attribute CPU time; unset RUBY_MN_THREADS");
         return 0;
     }
-    po_signal_install();
+    if (!no_signals) po_signal_install();
     ensure_buffers(max_samples, max_depth);
     po_cfg.interval_ns = interval_ns;
     po_cfg.max_depth = max_depth;
     po_cfg.max_samples = max_samples;
+    po_cfg.no_signals = no_signals;
     __atomic_store_n(&po_running, 1, __ATOMIC_SEQ_CST);
+    if (no_signals && !po_ticker_start(interval_ns))
+        rb_warn("pyroscope: no_signals on Ruby < 3.3: no timer samples (postponed job triggers from another "
+                "thread need Ruby 3.3); CPU is recorded only where labels change, at the stack of the change");
     po_thread_events_start();
     VALUE list = rb_funcall(rb_cThread, rb_intern("list"), 0);
     rb_block_call(list, rb_intern("each"), 0, NULL, register_each_thread, Qnil);
@@ -286,10 +307,13 @@ int po_stop(void)
 {
     if (!po_running) return 0;
     __atomic_store_n(&po_running, 0, __ATOMIC_SEQ_CST);
+    po_ticker_stop();
     po_thread_events_stop();
     po_lock();
-    for (int i = 0; i < PO_MAX_THREADS; i++)
+    for (int i = 0; i < PO_MAX_THREADS; i++) {
         if (po_threads[i].has_timer) po_timer_disarm(&po_threads[i]);
+        po_threads[i].tracked = 0;
+    }
     po_unlock();
     return 1;
 }

@@ -55,7 +55,7 @@ static void on_gvl_event(rb_event_flag_t event, const rb_internal_thread_event_d
     (void)arg;
     po_thread *t = event_thread(data);
     if (event == RUBY_INTERNAL_THREAD_EVENT_RESUMED) { /* holds the GVL, on the thread itself */
-        if (t && t->has_timer) t->holds_gvl = 1;
+        if (t && t->tracked) t->holds_gvl = 1;
         else if (po_running) po_sampler_register_current();
     } else if (t) {
         t->holds_gvl = 0;

@@ -174,6 +174,7 @@ void po_threads_after_fork_child(void)
         if (t == mine) {
             t->tid = self;
             t->has_timer = 0;
+            t->tracked = 0;
             t->holds_gvl = 1;
             t->last_cpu_ns = po_thread_cpu_ns(self);
         } else {

@@ -121,7 +121,8 @@ module Pyroscope
     end
 
     def sampler_options(config)
-      config && { sample_rate: config.sample_rate, max_depth: config.max_depth, max_samples: config.max_samples }
+      config && { sample_rate: config.sample_rate, max_depth: config.max_depth, max_samples: config.max_samples,
+                  no_signals: config.no_signals }
     end
 
     # Merges `tags` into the calling fiber's tags, or another thread's thread-wide ones (a

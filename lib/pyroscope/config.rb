@@ -11,7 +11,7 @@ module Pyroscope
     :compression, :report_encoding, :autoinstrument_rails, :http_headers,
     # this gem's own
     :logger, :upload_interval, :connect_timeout, :timeout, :queue_max_windows, :queue_max_bytes, :max_depth,
-    :max_samples, :exit_timeout, :local_max_bytes
+    :max_samples, :exit_timeout, :local_max_bytes, :no_signals
   ) do
     def initialize(*)
       super
@@ -41,6 +41,7 @@ module Pyroscope
       self.max_samples ||= Native::DEFAULT_MAX_SAMPLES
       self.exit_timeout ||= 5
       self.local_max_bytes ||= 256 << 20
+      self.no_signals = false if no_signals.nil?
     end
 
     # Environment variables the `pyroscope` gem and its agents read, and the member each
@@ -87,12 +88,21 @@ module Pyroscope
       end
       check_hash(:tags, tags)
       check_hash(:http_headers, http_headers)
-      %i[report_pid report_thread_id autoinstrument_rails].each do |flag|
+      %i[report_pid report_thread_id autoinstrument_rails no_signals].each do |flag|
         raise ArgumentError, "#{flag} must be true or false, got #{self[flag].inspect}" unless [true, false].include?(self[flag])
       end
       unless logger.nil? || %i[add debug info warn error].all? { |m| logger.respond_to?(m) }
         raise ArgumentError, "logger must be a Logger (or respond to add/debug/info/warn/error), got #{logger.class}"
       end
+      %i[auth_token basic_auth_username basic_auth_password tenant_id].each { |m| check_header_value(m) }
+      raise ArgumentError, "server_address must be a String URL, got #{server_address.inspect}" unless server_address.is_a?(String)
+
+      %i[upload_interval connect_timeout timeout exit_timeout].each { |m| check_number(m, 0.001..86_400) }
+      check_integer(:queue_max_windows, 1..100_000)
+      check_integer(:queue_max_bytes, 1024..(1 << 40))
+      check_integer(:local_max_bytes, 1024..(1 << 50))
+      check_integer(:max_depth, 1..4096)
+      check_integer(:max_samples, 16..(1 << 24))
       self
     end
 
@@ -116,6 +126,30 @@ module Pyroscope
       Integer(value, 10)
     rescue ArgumentError
       raise ArgumentError, "#{var} must be an integer, got #{value.inspect}"
+    end
+
+    # Header values: a String (a number is taken as its text) without line breaks or NUL,
+    # which would otherwise end up as extra request headers.
+    def check_header_value(member)
+      value = self[member]
+      self[member] = value = value.to_s if value.is_a?(Numeric)
+      return if value.is_a?(String) && !value.match?(/[\r\n\0]/)
+
+      raise ArgumentError, "#{member} must be a String without line breaks, got #{value.inspect}"
+    end
+
+    def check_number(member, range)
+      value = self[member]
+      return if value.is_a?(Numeric) && range.cover?(value)
+
+      raise ArgumentError, "#{member} must be a number of seconds in #{range}, got #{value.inspect}"
+    end
+
+    def check_integer(member, range)
+      value = self[member]
+      return if value.is_a?(Integer) && range.cover?(value)
+
+      raise ArgumentError, "#{member} must be an Integer in #{range}, got #{value.inspect}"
     end
 
     def check_hash(name, value)

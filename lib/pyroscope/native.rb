@@ -20,8 +20,15 @@ module Pyroscope
       #   max_depth:   frames kept per stack, deeper stacks end in a "(truncated)" frame
       #   max_samples: distinct (stack, labels) pairs per window; past it samples are
       #                dropped and counted (stats[:window_dropped_samples])
-      def start(sample_rate: DEFAULT_SAMPLE_RATE, max_depth: DEFAULT_MAX_DEPTH, max_samples: DEFAULT_MAX_SAMPLES)
-        _start(integer(:sample_rate, sample_rate), integer(:max_depth, max_depth), integer(:max_samples, max_samples))
+      #   no_signals:  no timers and no SIGPROF at all (see ticker.c): on Ruby >= 3.3 the
+      #                thread holding the GVL is sampled by a postponed job every interval of
+      #                wall time; before 3.3 CPU is recorded only where labels change
+      def start(sample_rate: DEFAULT_SAMPLE_RATE, max_depth: DEFAULT_MAX_DEPTH, max_samples: DEFAULT_MAX_SAMPLES,
+                no_signals: false)
+        raise ArgumentError, "no_signals must be true or false, got #{no_signals.inspect}" unless [true, false].include?(no_signals)
+
+        _start(integer(:sample_rate, sample_rate), integer(:max_depth, max_depth), integer(:max_samples, max_samples),
+               no_signals)
       end
 
       def clear_labels
