@@ -18,6 +18,28 @@ RSpec.describe "Pyroscope::Native in its process" do
     expect(out.lines.last.strip).to eq("false")
   end
 
+  it "refuses next to a running stackprof and leaves stackprof working" do
+    out, err, status = run_ruby(<<~RUBY)
+      require "stackprof"
+      require "pyroscope"
+      StackProf.start(mode: :cpu, interval: 1000)
+      begin
+        Pyroscope::Native.start
+      rescue RuntimeError => e
+        puts e.message
+      end
+      t = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) + 0.3
+      x = 0
+      x += 1 while Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) < t
+      StackProf.stop
+      puts StackProf.results[:samples]
+    RUBY
+    expect(status).to be_success, err
+    message, samples = out.lines.map(&:strip)
+    expect(message).to include("another profiler")
+    expect(samples.to_i).to be > 30 # stackprof's own samples kept coming (~75 alone here: a 4 ms tick)
+  end
+
   it "never lets a pending SIGPROF kill the process after stop" do
     out, err, status = run_ruby(<<~RUBY)
       require "pyroscope"

@@ -16,8 +16,31 @@
 #include <string.h>
 
 po_model *po_model_from_window(VALUE window, int sample_rate, VALUE app_root, VALUE prefixes, VALUE tags);
+po_model *po_model_from_agg(const po_agg *a, uint64_t started, uint64_t ended, int sample_rate, VALUE app_root,
+                            VALUE prefixes, VALUE tags);
+
+/* A taken window's export model, owned by this object until _enqueue_model takes it. */
+typedef struct taken {
+    po_model *m;
+    uint64_t started, ended;
+    uint32_t samples;
+} taken;
+
+static void taken_free(void *p)
+{
+    taken *t = p;
+    if (t->m) { po_model_free(t->m); free(t->m); }
+    xfree(t);
+}
+
+static const rb_data_type_t taken_type = {
+    .wrap_struct_name = "pyroscope_otel/taken_window",
+    .function = { .dfree = taken_free },
+    .flags = RUBY_TYPED_FREE_IMMEDIATELY,
+};
 
 static uint64_t export_gvl_ns, export_models;
+static VALUE cTaken;
 
 static uint64_t mono_ns(void)
 {
@@ -26,17 +49,82 @@ static uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-/* opts: [sample_rate, app_root, stdlib_prefixes, tags] */
-static po_model *build(VALUE window, VALUE opts)
+static void check_opts(VALUE opts)
 {
     Check_Type(opts, T_ARRAY);
     if (RARRAY_LEN(opts) != 4) rb_raise(rb_eArgError, "export options must be [sample_rate, app_root, prefixes, tags]");
+}
+
+/* opts: [sample_rate, app_root, stdlib_prefixes, tags] */
+static po_model *build(VALUE window, VALUE opts)
+{
+    check_opts(opts);
     uint64_t t0 = mono_ns();
     po_model *m = po_model_from_window(window, NUM2INT(RARRAY_AREF(opts, 0)), RARRAY_AREF(opts, 1),
                                        RARRAY_AREF(opts, 2), RARRAY_AREF(opts, 3));
     export_gvl_ns += mono_ns() - t0;
     export_models++;
     return m;
+}
+
+struct take_args { po_agg *a; uint64_t started, ended; VALUE opts; po_model *m; };
+
+static VALUE take_build(VALUE arg)
+{
+    struct take_args *t = (struct take_args *)arg;
+    VALUE o = t->opts;
+    t->m = po_model_from_agg(t->a, t->started, t->ended, NUM2INT(RARRAY_AREF(o, 0)), RARRAY_AREF(o, 1),
+                             RARRAY_AREF(o, 2), RARRAY_AREF(o, 3));
+    return Qnil;
+}
+
+static VALUE take_end(VALUE arg)
+{
+    po_window_end(((struct take_args *)arg)->a);
+    return Qnil;
+}
+
+/* _take_model(opts) -> a TakenWindow (started_at_ns, ended_at_ns, samples), or nil when
+ * there is nothing to send: the window goes straight from the sampler's buffer into an
+ * export model, without Ruby objects per sample. */
+static VALUE native_take_model(VALUE self, VALUE opts)
+{
+    (void)self;
+    check_opts(opts);
+    uint64_t t0 = mono_ns();
+    struct take_args t = { .opts = opts };
+    t.a = po_window_begin(&t.started, &t.ended);
+    if (!t.a) return Qnil;
+    uint32_t samples = t.a->samples_used;
+    rb_ensure(take_build, (VALUE)&t, take_end, (VALUE)&t);
+    export_gvl_ns += mono_ns() - t0;
+    export_models++;
+    if (!t.m) return Qnil; /* out of memory: counted by the model as dropped */
+    if (t.m->n_smp == 0) { po_model_free(t.m); free(t.m); return Qnil; }
+    taken *tk;
+    VALUE obj = TypedData_Make_Struct(cTaken, taken, &taken_type, tk);
+    tk->m = t.m;
+    tk->started = t.started;
+    tk->ended = t.ended;
+    tk->samples = samples;
+    return obj;
+}
+
+static VALUE taken_started(VALUE self) { return ULL2NUM(((taken *)rb_check_typeddata(self, &taken_type))->started); }
+static VALUE taken_ended(VALUE self) { return ULL2NUM(((taken *)rb_check_typeddata(self, &taken_type))->ended); }
+static VALUE taken_samples(VALUE self) { return UINT2NUM(((taken *)rb_check_typeddata(self, &taken_type))->samples); }
+
+/* _enqueue_model(taken_window, url, log_url): hands its model to the uploader (once). */
+static VALUE native_enqueue_model(VALUE self, VALUE obj, VALUE url, VALUE log_url)
+{
+    (void)self;
+    taken *tk = rb_check_typeddata(obj, &taken_type);
+    StringValueCStr(url);
+    StringValueCStr(log_url);
+    if (!tk->m) rb_raise(rb_eArgError, "this window was enqueued already");
+    po_model *m = tk->m;
+    tk->m = NULL;
+    return po_transport_enqueue(m, RSTRING_PTR(url), RSTRING_PTR(log_url)) == 0 ? Qtrue : Qfalse;
 }
 
 static VALUE native_enqueue(VALUE self, VALUE window, VALUE opts, VALUE url, VALUE log_url)
@@ -70,13 +158,11 @@ static void *encode_nogvl(void *arg)
     return NULL;
 }
 
-/* encode(window, opts) -> [gzipped pprof String, ...], split within the server's limits */
-static VALUE native_encode(VALUE self, VALUE window, VALUE opts)
+/* the model's pprof, gzipped and split within the server's limits; frees the model */
+static VALUE encode_model(po_model *m)
 {
-    (void)self;
     struct encoded e = { 0 };
-    e.m = build(window, opts);
-    if (!e.m) rb_raise(rb_eNoMemError, "pyroscope: out of memory building the profile");
+    e.m = m;
     rb_thread_call_without_gvl(encode_nogvl, &e, RUBY_UBF_IO, NULL);
     VALUE out = rb_ary_new_capa(e.n);
     for (uint32_t i = 0; i < e.n && !e.failed; i++) rb_ary_push(out, rb_str_new((const char *)e.bufs[i], e.lens[i]));
@@ -86,6 +172,27 @@ static VALUE native_encode(VALUE self, VALUE window, VALUE opts)
     free(e.m);
     if (e.failed) rb_raise(rb_eNoMemError, "pyroscope: out of memory encoding the profile");
     return out;
+}
+
+/* _encode_model(taken_window) -> [gzipped pprof String, ...] (once): what the uploader
+ * would send, for files written by hand and the benchmarks. */
+static VALUE native_encode_model(VALUE self, VALUE obj)
+{
+    (void)self;
+    taken *tk = rb_check_typeddata(obj, &taken_type);
+    if (!tk->m) rb_raise(rb_eArgError, "this window was enqueued already");
+    po_model *m = tk->m;
+    tk->m = NULL;
+    return encode_model(m);
+}
+
+/* encode(window, opts) -> [gzipped pprof String, ...], for windows made as Ruby data */
+static VALUE native_encode(VALUE self, VALUE window, VALUE opts)
+{
+    (void)self;
+    po_model *m = build(window, opts);
+    if (!m) rb_raise(rb_eNoMemError, "pyroscope: out of memory building the profile");
+    return encode_model(m);
 }
 
 static long positive(VALUE v, const char *name)
@@ -172,6 +279,14 @@ void po_export_binding_init(VALUE mNative)
     po_transport_init();
     rb_define_singleton_method(mNative, "_configure_transport", native_configure_transport, -1);
     rb_define_singleton_method(mNative, "_enqueue", native_enqueue, 4);
+    rb_define_singleton_method(mNative, "_take_model", native_take_model, 1);
+    rb_define_singleton_method(mNative, "_enqueue_model", native_enqueue_model, 3);
+    rb_define_singleton_method(mNative, "_encode_model", native_encode_model, 1);
+    cTaken = rb_define_class_under(mNative, "TakenWindow", rb_cObject);
+    rb_undef_alloc_func(cTaken);
+    rb_define_method(cTaken, "started_at_ns", taken_started, 0);
+    rb_define_method(cTaken, "ended_at_ns", taken_ended, 0);
+    rb_define_method(cTaken, "samples", taken_samples, 0);
     rb_define_singleton_method(mNative, "_encode", native_encode, 2);
     rb_define_singleton_method(mNative, "flush", native_flush, 1);
     rb_define_singleton_method(mNative, "upload_stats", native_upload_stats, 0);

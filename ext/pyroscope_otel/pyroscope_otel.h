@@ -113,7 +113,8 @@ void po_thread_forget_current(void);              /* 3.1/3.2: the calling thread
 void po_threads_after_fork_child(void);
 uint64_t po_thread_cpu_ns(pid_t tid);             /* HANDLER-safe */
 clockid_t po_thread_clock(pid_t tid);
-pid_t po_gettid(void);                            /* HANDLER-safe */
+pid_t po_gettid(void);                            /* HANDLER-safe; a system call */
+pid_t po_current_tid(void);                       /* GVL: the same, cached per thread (label changes) */
 size_t po_threads_in_use(void);                   /* under po_lock */
 extern uint64_t po_threads_refused; /* slots exhausted */
 
@@ -248,6 +249,12 @@ void po_ticker_after_fork_child(void);
 
 /* ---- window.c ---------------------------------------------------------------------- */
 VALUE po_take_window(void); /* GVL */
+/* GVL: swaps out the active buffer for a take (its start and the take's time in *started,
+ * *ended); NULL when another take is under way or the sampler never started. The taker
+ * reads it without the lock (the handler writes the other one) and hands it back. */
+po_agg *po_window_begin(uint64_t *started, uint64_t *ended);
+void po_window_end(po_agg *a); /* GVL: clears it; the next take may begin */
+VALUE po_frame_name(VALUE frame, int line); /* GVL: "Class#method", or a synthetic frame's name */
 void po_windows_mark(void);
 
 void Init_pyroscope_otel(void);

@@ -104,7 +104,7 @@ void po_sample_on_gvl(void)
  * switch). */
 static void charge_tail_locked(po_thread *t, int fiber_switch)
 {
-    if (!po_running || !t->tracked || !po_active || t->tid != po_gettid()) return;
+    if (!po_running || !t->tracked || !po_active || t->tid != po_current_tid()) return;
     uint64_t now = po_thread_cpu_ns(t->tid);
     if (now <= t->last_cpu_ns) return;
     uint64_t tail = now - t->last_cpu_ns;

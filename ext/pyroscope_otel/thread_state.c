@@ -124,6 +124,12 @@ po_thread *po_thread_current(int create)
     return t;
 }
 
+pid_t po_current_tid(void)
+{
+    if (!tls_tid) tls_tid = po_gettid();
+    return tls_tid;
+}
+
 po_thread *po_thread_cached(void)
 {
     if (!tls_tid) tls_tid = po_gettid();

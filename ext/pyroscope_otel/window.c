@@ -1,6 +1,8 @@
 /*
- * window.c — taking a window: everything aggregated since the last take, as plain Ruby
- * data, while sampling goes on into the other buffer.
+ * window.c — taking a window: everything aggregated since the last take, while sampling
+ * goes on into the other buffer; as plain Ruby data here (po_take_window, for tests and
+ * tools), or straight into an export model (export_binding.c's _take_model, which uses
+ * po_window_begin/po_window_end).
  *
  * GVL. The swap of the active buffer is the only step under po_lock; turning frames into
  * strings (rb_profile_frame_*, which allocate and so may run the GC or raise) happens
@@ -25,7 +27,7 @@ struct take {
     VALUE frame_objs, label_objs, stack_objs, result;
 };
 
-static VALUE frame_name(VALUE frame, int line)
+VALUE po_frame_name(VALUE frame, int line)
 {
     if (frame == PO_FRAME_SYNTHETIC)
         return rb_str_new_cstr(line == PO_LINE_GC ? "(garbage collection)"
@@ -41,7 +43,7 @@ static VALUE frame_info(struct take *tk, VALUE frame, int line)
     if (frame != PO_FRAME_SYNTHETIC && st_lookup(tk->frame_cache, (st_data_t)frame, &idx))
         return RARRAY_AREF(tk->frame_objs, (long)idx);
     VALUE file = frame == PO_FRAME_SYNTHETIC ? Qnil : rb_profile_frame_path(frame);
-    VALUE info = rb_ary_new_from_args(2, frame_name(frame, line), NIL_P(file) ? rb_str_new_cstr("") : file);
+    VALUE info = rb_ary_new_from_args(2, po_frame_name(frame, line), NIL_P(file) ? rb_str_new_cstr("") : file);
     OBJ_FREEZE(info);
     if (frame != PO_FRAME_SYNTHETIC) st_insert(tk->frame_cache, (st_data_t)frame, (st_data_t)RARRAY_LEN(tk->frame_objs));
     rb_ary_push(tk->frame_objs, info);
@@ -93,44 +95,57 @@ static VALUE convert(VALUE arg)
     return r;
 }
 
+po_agg *po_window_begin(uint64_t *started, uint64_t *ended)
+{
+    po_agg *bufs = po_agg_buffers();
+    uint64_t now = po_realtime_ns();
+    *started = *ended = now;
+    if (taking || !po_active) return NULL;
+    taking = 1;
+    po_lock();
+    po_agg *a = po_active;
+    po_active = a == &bufs[0] ? &bufs[1] : &bufs[0];
+    po_active->started_at_ns = now;
+    po_unlock();
+    *started = a->started_at_ns;
+    return a;
+}
+
+void po_window_end(po_agg *a)
+{
+    po_lock();
+    po_agg_clear(a);
+    po_unlock();
+    taking = 0;
+}
+
 static VALUE finish(VALUE arg)
 {
     struct take *tk = (struct take *)arg;
     st_free_table(tk->frame_cache);
     st_free_table(tk->label_cache);
-    po_lock();
-    po_agg_clear(tk->agg);
-    po_unlock();
-    taking = 0;
+    po_window_end(tk->agg);
     return Qnil;
 }
 
 VALUE po_take_window(void)
 {
     VALUE result = rb_hash_new();
-    po_agg *bufs = po_agg_buffers();
-    if (taking || !po_active) {
+    uint64_t started, ended;
+    po_agg *a = po_window_begin(&started, &ended);
+    rb_hash_aset(result, ID2SYM(rb_intern("started_at_ns")), ULL2NUM(started));
+    rb_hash_aset(result, ID2SYM(rb_intern("ended_at_ns")), ULL2NUM(ended));
+    if (!a) {
         rb_hash_aset(result, ID2SYM(rb_intern("samples")), rb_ary_new());
         rb_hash_aset(result, ID2SYM(rb_intern("dropped_samples")), INT2FIX(0));
         rb_hash_aset(result, ID2SYM(rb_intern("dropped_cpu_ns")), INT2FIX(0));
-        uint64_t now = po_realtime_ns();
-        rb_hash_aset(result, ID2SYM(rb_intern("started_at_ns")), ULL2NUM(now));
-        rb_hash_aset(result, ID2SYM(rb_intern("ended_at_ns")), ULL2NUM(now));
         return result;
     }
     struct take tk = { 0 };
     tk.result = result;
+    tk.agg = a;
     tk.frame_objs = rb_ary_new();
     tk.label_objs = rb_ary_new();
-    taking = 1;
-    po_lock();
-    tk.agg = po_active;
-    po_active = tk.agg == &bufs[0] ? &bufs[1] : &bufs[0];
-    uint64_t now = po_realtime_ns();
-    po_active->started_at_ns = now;
-    po_unlock();
-    rb_hash_aset(result, ID2SYM(rb_intern("started_at_ns")), ULL2NUM(tk.agg->started_at_ns));
-    rb_hash_aset(result, ID2SYM(rb_intern("ended_at_ns")), ULL2NUM(now));
     tk.frame_cache = st_init_numtable();
     tk.label_cache = st_init_numtable();
     rb_ensure(convert, (VALUE)&tk, finish, (VALUE)&tk);

@@ -75,11 +75,11 @@ module Pyroscope
 
     def export_window(final: false)
       t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC, :nanosecond)
-      window = Native.take_window
-      unless window[:samples].empty?
-        from = window[:started_at_ns] / 1_000_000_000 / @interval * @interval
-        till = final ? [from + 1, -(-window[:ended_at_ns] / 1_000_000_000)].max : from + @interval
-        Native._enqueue(window, @export_opts, url(from, till), log_url)
+      taken = Native._take_model(@export_opts)
+      if taken
+        from = taken.started_at_ns / 1_000_000_000 / @interval * @interval
+        till = final ? [from + 1, -(-taken.ended_at_ns / 1_000_000_000)].max : from + @interval
+        Native._enqueue_model(taken, url(from, till), log_url)
       end
       @gvl_ns += Process.clock_gettime(Process::CLOCK_MONOTONIC, :nanosecond) - t0
       log_events
