@@ -161,7 +161,7 @@ RSpec.describe Pyroscope::Exporter do
   end
 
   it "does not block the application while the server stalls or refuses" do
-    receiver.mode = [:stall, 3]
+    receiver.mode = [:stall, 10] # longer than the 2 s request timeout: cut by it, then retried
     enqueue(window([[frames("A#b"), {}, 1_000, 1]]))
     returned_while_stalled = receiver.requests.empty?
     expect(returned_while_stalled).to be(true)
