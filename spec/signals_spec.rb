@@ -41,11 +41,20 @@ RSpec.describe "Blocking calls under profiling signals" do
 
       native.start(sample_rate: 1000)
       stop = false
-      busy = Array.new(8) { Thread.new { x = 0; x += 1 until stop; x } }
+      # CPU-bound throughout (their CPU timers fire), but passing the GVL now and then: among pure
+      # spinners Ruby 3.4 starves a thread coming back from a GVL-free call (Dir.glob's per-file
+      # calls: 200 files took > 200 s with 8 spinners and no profiler at all).
+      busy = Array.new(8) { Thread.new { x = 0; (10_000.times { x += 1 }; Thread.pass) until stop; x } }
       errors = Queue.new
       check = lambda do |name, &blk|
         Thread.new do
-          3.times { blk.call }
+          # at least 3 rounds, and for at least 2 s of signals
+          t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+          rounds = 0
+          until rounds >= 3 && Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0 >= 2
+            blk.call
+            rounds += 1
+          end
         rescue StandardError => e
           errors << "#{name}: #{e.class}: #{e.message}"
         end

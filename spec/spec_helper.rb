@@ -10,6 +10,28 @@ RSpec.configure do |config|
   Kernel.srand config.seed
   config.include ProfileHelpers
 
+  # A hung example ends the run within minutes, showing where every thread was, instead of
+  # running into CI's time limit with nothing to show.
+  limit = Float(ENV.fetch("SPEC_EXAMPLE_TIMEOUT", "240"))
+  current = nil
+  config.before { |ex| current = [ex.full_description, Process.clock_gettime(Process::CLOCK_MONOTONIC)] }
+  config.after { current = nil }
+  watchdog_pid = Process.pid
+  Thread.new do
+    Thread.current.name = "spec watchdog"
+    loop do
+      sleep 5
+      name, started = current
+      next unless started && Process.clock_gettime(Process::CLOCK_MONOTONIC) - started > limit
+      next unless Process.pid == watchdog_pid
+
+      warn "\n== spec watchdog: #{name.inspect} still running after #{limit} s; threads:"
+      Thread.list.each { |t| warn "-- #{t.inspect}", *(t.backtrace || []).first(40).map { |l| "   #{l}" } }
+      $stderr.flush
+      Process.exit!(1)
+    end
+  end
+
   # Every example starts from a stopped sampler, an empty window and no labels.
   config.after do
     Pyroscope::Native.stop
