@@ -16,14 +16,12 @@ RSpec.configure do |config|
   current = nil
   config.before { |ex| current = [ex.full_description, Process.clock_gettime(Process::CLOCK_MONOTONIC)] }
   config.after { current = nil }
-  watchdog_pid = Process.pid
   Thread.new do
     Thread.current.name = "spec watchdog"
     loop do
       sleep 5
       name, started = current
       next unless started && Process.clock_gettime(Process::CLOCK_MONOTONIC) - started > limit
-      next unless Process.pid == watchdog_pid
 
       warn "\n== spec watchdog: #{name.inspect} still running after #{limit} s; threads:"
       Thread.list.each { |t| warn "-- #{t.inspect}", *(t.backtrace || []).first(40).map { |l| "   #{l}" } }
