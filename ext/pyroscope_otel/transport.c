@@ -359,7 +359,15 @@ static void unblock_wait(void *arg)
 int po_transport_flush(double timeout_s)
 {
     struct flush_wait w = { now_ms() + (uint64_t)(timeout_s * 1000), 0, 0 };
-    rb_thread_call_without_gvl(wait_idle, &w, unblock_wait, &w);
+    for (;;) {
+        w.interrupted = 0;
+        rb_thread_call_without_gvl(wait_idle, &w, unblock_wait, &w);
+        if (!w.interrupted) break; /* drained, deadline passed, or the uploader is gone */
+        /* Any interrupt wakes the wait, Ruby's own scheduling too (seen on 3.4): run it (a
+           trap or Thread#raise may raise and longjmp out; nothing here needs cleanup), then
+           wait on until the deadline. */
+        rb_thread_check_ints();
+    }
     return w.drained;
 }
 
