@@ -20,6 +20,7 @@ RSpec.describe "Pyroscope under Puma cluster mode" do
   # shutting down (before_worker_shutdown ran: what is left is process exit, ours included)
   # and the log.
   def run_cluster(dir)
+    Dir.children(dir).grep(/\Aserver-stopped-/).each { |f| File.delete(File.join(dir, f)) }
     File.write(File.join(dir, "puma.rb"), <<~RUBY)
       before_worker_shutdown { File.write("server-stopped-\#{Process.pid}", "") }
     RUBY
@@ -81,7 +82,6 @@ RSpec.describe "Pyroscope under Puma cluster mode" do
     served_by = exited_after = status = log = nil
     3.times do
       receiver.requests.clear
-      Dir.children(dir).grep(/\Aserver-stopped-/).each { |f| File.delete(File.join(dir, f)) }
       served_by, exited_after, status, stopped, log = run_cluster(dir)
       break if exited_after < 20 || (served_by - stopped).empty?
 

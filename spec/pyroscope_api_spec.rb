@@ -143,6 +143,21 @@ RSpec.describe Pyroscope do
       described_class.shutdown
       receiver.accept!
     end
+
+    it "shutdown keeps waiting for the last window when an interrupt (here a signal trap) wakes it" do
+      configure(exit_timeout: 5)
+      work.heavy(0.05)
+      receiver.mode = [:stall, 1] # the last window takes 1 s to be taken
+      trapped = 0
+      previous = trap("USR1") { trapped += 1 }
+      Thread.new { sleep 0.3; Process.kill(:USR1, Process.pid) }
+      described_class.shutdown
+      expect(trapped).to eq(1) # the wait was interrupted, and the trap ran
+      expect(receiver.accepted.size).to eq(1)
+      expect(Pyroscope::Native.upload_stats[:queued_windows]).to eq(0)
+    ensure
+      trap("USR1", previous || "DEFAULT")
+    end
   end
 
   describe "tags" do
