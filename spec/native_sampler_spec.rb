@@ -284,6 +284,33 @@ RSpec.describe "Pyroscope::Native sampler" do
     expect(window[:dropped_cpu_ns]).to be > 0
   end
 
+  # Regression: threads kept (buffer, generation, index) references to their last sample; a
+  # restart with another max_samples or max_depth reallocated the buffers at generation 0, so a
+  # stale reference matched and the next label change added its CPU to whichever sample now
+  # had that index (another thread's labels), or wrote past a smaller buffer.
+  [{ max_samples: 16 }, { max_depth: 33 }].each do |changed|
+    it "never charges CPU through a sample of the buffers before a restart with #{changed.keys.first}" do
+      native.start(sample_rate: 100, max_samples: 48, max_depth: 64)
+      native.set_labels({ "who" => "main" })
+      samples = native.stats[:samples]
+      work.heavy(0.005) while native.stats[:samples] == samples # main now holds a sample reference
+      native.stop
+      native.start(sample_rate: 1, max_samples: 48, max_depth: 64, **changed)
+      # fill the new buffer's first samples with another thread's labels (label changes only:
+      # at 1 Hz its timer does not fire in so little CPU)
+      Thread.new { 8.times { |i| native.set_labels({ "who" => "other#{i}" }) } }.join
+      before = thread_cpu
+      work.heavy(0.2) # at 1 Hz the first expiry is >= 0.5 s of CPU away: no timer sample
+      native.set_labels({ "who" => "after" })
+      spent = thread_cpu - before
+      native.stop
+      cpu = cpu_by(take_samples) { |_, labels| labels["who"] }
+      others = cpu.sum { |who, ns| who.to_s.start_with?("other") ? ns : 0 }
+      expect(others).to be < 20_000_000, "another thread's labels got #{others / 1e6} ms"
+      expect(cpu["main"] / 1e9).to be_within(0.1 * spent).of(spent)
+    end
+  end
+
   def on_any_stack(samples, method_name)
     cpu_by(samples) { |frames, _| on_stack?(frames, method_name) }[true]
   end

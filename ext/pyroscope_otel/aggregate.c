@@ -23,6 +23,9 @@
 
 #define FRAMES_PER_SAMPLE 8 /* arena frames per sample slot: stacks share far more */
 
+static uint64_t last_epoch; /* GVL or under po_lock; never reset, not even by fork */
+
+
 static uint32_t pow2_at_least(uint32_t n)
 {
     uint32_t p = 16;
@@ -33,6 +36,7 @@ static uint32_t pow2_at_least(uint32_t n)
 int po_agg_init(po_agg *a, uint32_t max_samples)
 {
     memset(a, 0, sizeof(*a));
+    a->epoch = ++last_epoch;
     a->samples_cap = max_samples;
     a->stacks_cap = max_samples;
     a->frames_cap = max_samples * FRAMES_PER_SAMPLE;
@@ -151,7 +155,18 @@ void po_agg_clear(po_agg *a)
     for (uint32_t i = 0; i < a->stacks_used; i++) a->stack_index[a->stacks[i].slot] = 0;
     a->samples_used = a->stacks_used = a->frames_used = 0;
     a->dropped_samples = a->dropped_cpu_ns = 0;
-    a->generation++;
+    a->epoch = ++last_epoch;
+}
+
+po_sample_ref po_agg_ref(const po_agg *a, uint32_t index)
+{
+    return index == UINT32_MAX ? PO_NO_SAMPLE : (po_sample_ref){ a->epoch, index };
+}
+
+po_sample *po_agg_sample(po_agg *a, po_sample_ref ref)
+{
+    if (!a || ref.epoch != a->epoch || ref.index >= a->samples_used) return NULL;
+    return &a->samples[ref.index];
 }
 
 void po_agg_mark(const po_agg *a)

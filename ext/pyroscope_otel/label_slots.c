@@ -135,7 +135,7 @@ static void store_locked(po_fiber_labels *f, po_labelset *own, po_labelset *effe
     po_labelset_ref(base);
     f->merged_base = base;
     f->stale = 0;
-    f->last_agg = NULL;
+    f->last = PO_NO_SAMPLE;
 }
 
 /* base with over over it, a new reference; when memory is short, over alone (never raises) */

@@ -68,6 +68,16 @@ size_t po_labelset_live_count(void);              /* under po_lock */
 /* the length of at most max bytes of p that does not split a UTF-8 character */
 long po_utf8_prefix(const char *p, long len, long max);
 
+/* A sample of a window, kept by threads and fibers to add CPU to it later. The one way to
+ * hold on to a sample: it is void unless its epoch is the epoch of the buffer it is used
+ * with, so a reference survives buffer swaps, clears and reallocations (a new
+ * max_samples or max_depth) without ever reaching a sample it was not taken for. */
+typedef struct po_sample_ref {
+    uint64_t epoch; /* 0: none */
+    uint32_t index;
+} po_sample_ref;
+#define PO_NO_SAMPLE ((po_sample_ref){ 0, 0 })
+
 /* ---- thread_state.c: the table of known threads -------------------------------- */
 typedef struct po_thread {
     pid_t tid;              /* 0: free slot */
@@ -85,17 +95,13 @@ typedef struct po_thread {
     long interval_ns;       /* mean sampling interval of its timer */
     uint64_t rng;           /* jitter state, touched only by the thread's own handler */
     uint64_t label_changes;
-    /* the sample this thread last charged under its current labels, in buffer last_agg
-     * at generation last_gen; NULL when none since the labels changed. Under po_lock. */
-    struct po_agg *last_agg;
-    uint64_t last_gen;
-    uint32_t last_sample;
+    /* the sample this thread last charged under its current labels; none since the labels
+     * changed. Under po_lock. */
+    po_sample_ref last;
     /* the labels before the current ones (a reference) and their last sample: a span
      * ending returns to them, and their next charge needs no stack walk */
     po_labelset *prev_labels;
-    struct po_agg *prev_agg;
-    uint64_t prev_gen;
-    uint32_t prev_sample;
+    po_sample_ref prev;
 } po_thread;
 
 extern po_thread po_threads[PO_MAX_THREADS];
@@ -127,10 +133,7 @@ typedef struct po_fiber_labels {
     po_labelset *merged_base; /* the base `effective` was merged from */
     po_thread *on;          /* the entry of the thread it is running on, else NULL */
     int stale;              /* `effective` is to be merged again before use */
-    /* its last sample under `effective` while it was not running (see po_thread) */
-    struct po_agg *last_agg;
-    uint64_t last_gen;
-    uint32_t last_sample;
+    po_sample_ref last; /* its last sample under `effective` while it was not running */
 } po_fiber_labels;
 
 void po_label_slots_init(VALUE mNative); /* at load */
@@ -186,8 +189,9 @@ typedef struct po_agg {
     uint32_t samples_used, samples_cap, sample_index_mask;
     uint64_t dropped_samples, dropped_cpu_ns;
     uint64_t started_at_ns; /* CLOCK_REALTIME */
-    uint64_t generation;    /* bumped by every clear: sample numbers of older ones are void */
+    uint64_t epoch;         /* new at every init and clear, from one counter that never resets */
 } po_agg;
+
 
 int po_agg_init(po_agg *a, uint32_t max_samples); /* GVL; 0 or ENOMEM */
 void po_agg_free(po_agg *a);                      /* GVL, the agg must be empty */
@@ -196,6 +200,8 @@ void po_agg_free(po_agg *a);                      /* GVL, the agg must be empty 
 uint32_t po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int depth,
                        po_labelset *labels, uint64_t cpu_ns, uint64_t count);
 void po_agg_clear(po_agg *a);                  /* under po_lock */
+po_sample_ref po_agg_ref(const po_agg *a, uint32_t index); /* PO_NO_SAMPLE for UINT32_MAX */
+po_sample *po_agg_sample(po_agg *a, po_sample_ref ref);    /* under po_lock; NULL when void */
 void po_agg_mark(const po_agg *a);             /* GC mark phase */
 
 /* ---- sampler.c: the state of the profiler and the two sampling paths --------------- */

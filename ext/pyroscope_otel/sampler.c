@@ -53,10 +53,7 @@ static void sample_locked(po_thread *t, VALUE *frames, int *lines)
     if (now <= t->last_cpu_ns) return;
     int n = po_stack_capture(frames, lines, po_cfg.max_depth, 0);
     if (n <= 0) return;
-    uint32_t idx = po_agg_record(po_active, frames, lines, n, t->labels, now - t->last_cpu_ns, 1);
-    t->last_agg = idx == UINT32_MAX ? NULL : po_active;
-    t->last_gen = po_active->generation;
-    t->last_sample = idx;
+    t->last = po_agg_ref(po_active, po_agg_record(po_active, frames, lines, n, t->labels, now - t->last_cpu_ns, 1));
     po_stat_samples++;
     /* the walk and the aggregation, on this thread's clock: the profiler's own cost,
      * measured where it is spent; charged to the next sample, like any CPU */
@@ -108,8 +105,9 @@ static void charge_tail_locked(po_thread *t, int fiber_switch)
     uint64_t now = po_thread_cpu_ns(t->tid);
     if (now <= t->last_cpu_ns) return;
     uint64_t tail = now - t->last_cpu_ns;
-    if (t->last_agg == po_active && t->last_gen == po_active->generation) {
-        po_active->samples[t->last_sample].cpu_ns += tail;
+    po_sample *last = po_agg_sample(po_active, t->last);
+    if (last) {
+        last->cpu_ns += tail;
     } else {
         int n;
         if (fiber_switch) {
@@ -133,21 +131,11 @@ static void charge_tail_locked(po_thread *t, int fiber_switch)
 void po_put_labels_locked(po_thread *t, po_labelset *labels)
 {
     po_labelset *old = t->labels;
-    struct po_agg *old_agg = t->last_agg;
-    uint64_t old_gen = t->last_gen;
-    uint32_t old_sample = t->last_sample;
-    if (labels == t->prev_labels) {
-        t->last_agg = t->prev_agg;
-        t->last_gen = t->prev_gen;
-        t->last_sample = t->prev_sample;
-    } else {
-        t->last_agg = NULL;
-    }
+    po_sample_ref old_last = t->last;
+    t->last = labels == t->prev_labels ? t->prev : PO_NO_SAMPLE;
     po_labelset_unref(t->prev_labels);
     t->prev_labels = old; /* the slot's reference moves here */
-    t->prev_agg = old_agg;
-    t->prev_gen = old_gen;
-    t->prev_sample = old_sample;
+    t->prev = old_last;
     t->labels = labels;
     t->label_changes++;
 }
@@ -170,11 +158,7 @@ void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_label
     po_lock();
     po_fiber_labels *was = t->fiber;
     if (labels != t->labels) charge_tail_locked(t, 1);
-    if (was) { /* it keeps its last sample for when it runs again */
-        was->last_agg = t->last_agg;
-        was->last_gen = t->last_gen;
-        was->last_sample = t->last_sample;
-    }
+    if (was) was->last = t->last; /* it keeps its last sample for when it runs again */
     po_fiber_labels_detach(t);
     if (labels != t->labels) po_put_labels_locked(t, labels);
     else po_labelset_unref(labels);
@@ -182,11 +166,9 @@ void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_label
         f->on = t;
         t->fiber = f;
         t->fiber_obj = fiber_obj;
-        t->last_agg = f->last_agg;
-        t->last_gen = f->last_gen;
-        t->last_sample = f->last_sample;
+        t->last = f->last;
     } else {
-        t->last_agg = NULL;
+        t->last = PO_NO_SAMPLE;
     }
     t->switching = 0;
     po_unlock();
