@@ -80,8 +80,7 @@ static inline uint64_t finish(uint64_t h)
     return h;
 }
 
-/* The stack's number, or UINT32_MAX when a table is full. */
-static uint32_t intern_stack(po_agg *a, const VALUE *frames, const int *lines, int depth)
+uint32_t po_agg_intern_stack(po_agg *a, const VALUE *frames, const int *lines, int depth)
 {
     uint64_t h = (uint64_t)depth;
     for (int i = 0; i < depth; i++) h = mix(mix(h, (uint64_t)frames[i]), (uint64_t)(uint32_t)lines[i]);
@@ -111,10 +110,20 @@ static uint32_t intern_stack(po_agg *a, const VALUE *frames, const int *lines, i
     return n;
 }
 
+uint32_t po_agg_copy_stack(po_agg *to, const po_agg *from, uint32_t stack)
+{
+    const po_stack *s = &from->stacks[stack];
+    return po_agg_intern_stack(to, &from->frames[s->off], &from->lines[s->off], (int)s->depth);
+}
+
 uint32_t po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int depth,
                        po_labelset *labels, uint64_t cpu_ns, uint64_t count)
 {
-    uint32_t stack = intern_stack(a, frames, lines, depth);
+    return po_agg_record_stack(a, po_agg_intern_stack(a, frames, lines, depth), labels, cpu_ns, count);
+}
+
+uint32_t po_agg_record_stack(po_agg *a, uint32_t stack, po_labelset *labels, uint64_t cpu_ns, uint64_t count)
+{
     if (stack == UINT32_MAX) goto drop;
     uint64_t h = finish(mix(mix(0, stack), (uint64_t)(uintptr_t)labels));
     uint32_t pos = (uint32_t)h & a->sample_index_mask;

@@ -195,8 +195,12 @@ typedef struct po_agg {
 
 int po_agg_init(po_agg *a, uint32_t max_samples); /* GVL; 0 or ENOMEM */
 void po_agg_free(po_agg *a);                      /* GVL, the agg must be empty */
-/* under po_lock (HANDLER or GVL); never allocates. Returns the sample's number, or
- * UINT32_MAX when it was dropped. */
+/* Under po_lock (HANDLER or GVL); never allocate. A stack's number, or UINT32_MAX when a
+ * table is full: */
+uint32_t po_agg_intern_stack(po_agg *a, const VALUE *frames, const int *lines, int depth);
+uint32_t po_agg_copy_stack(po_agg *to, const po_agg *from, uint32_t stack); /* from's stack into to */
+/* The sample's number, or UINT32_MAX when it was dropped (stack UINT32_MAX: dropped too). */
+uint32_t po_agg_record_stack(po_agg *a, uint32_t stack, po_labelset *labels, uint64_t cpu_ns, uint64_t count);
 uint32_t po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int depth,
                        po_labelset *labels, uint64_t cpu_ns, uint64_t count);
 void po_agg_clear(po_agg *a);                  /* under po_lock */
