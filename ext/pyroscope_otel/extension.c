@@ -62,6 +62,16 @@ static VALUE native_set_own_paths(VALUE self, VALUE paths)
     return paths;
 }
 
+/* add_id_label(name): a label whose value names one span; a span without a timer sample
+ * takes a stack sampled in spans whose other labels are the same (attribution.c). */
+static VALUE native_add_id_label(VALUE self, VALUE name)
+{
+    (void)self;
+    StringValue(name);
+    po_labelset_add_id_key(RSTRING_PTR(name), RSTRING_LEN(name));
+    return name;
+}
+
 static VALUE native_stats(VALUE self)
 {
     (void)self;
@@ -69,7 +79,7 @@ static VALUE native_stats(VALUE self)
     po_lock();
     size_t threads = po_threads_in_use(), label_sets = po_labelset_live_count();
     uint64_t samples = po_stat_samples, sampling_ns = po_stat_sampling_ns, flushes = po_stat_label_flushes,
-             boundary = po_stat_boundary_flushes, terr = po_stat_timer_errors;
+             boundary = po_stat_boundary_flushes, drawn = po_stat_drawn_flushes, terr = po_stat_timer_errors;
     uint64_t refused = po_threads_refused;
     uint64_t dropped = po_active ? po_active->dropped_samples : 0;
     uint64_t dropped_ns = po_active ? po_active->dropped_cpu_ns : 0;
@@ -80,6 +90,7 @@ static VALUE native_stats(VALUE self)
     SET("sampling_cpu_ns", ULL2NUM(sampling_ns));
     SET("label_flushes", ULL2NUM(flushes));
     SET("boundary_flushes", ULL2NUM(boundary));
+    SET("drawn_flushes", ULL2NUM(drawn));
     SET("skipped_busy", ULL2NUM(__atomic_load_n(&po_stat_skipped_busy, __ATOMIC_RELAXED)));
     SET("skipped_off_gvl", ULL2NUM(__atomic_load_n(&po_stat_skipped_off_gvl, __ATOMIC_RELAXED)));
     SET("timer_errors", ULL2NUM(terr));
@@ -144,6 +155,7 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
     rb_define_singleton_method(mNative, "take_window", native_take_window, 0);
     rb_define_singleton_method(mNative, "stats", native_stats, 0);
     rb_define_singleton_method(mNative, "own_paths=", native_set_own_paths, 1);
+    rb_define_singleton_method(mNative, "add_id_label", native_add_id_label, 1);
     rb_define_singleton_method(mNative, "thread_cpu_ns", native_thread_cpu_ns, 0);
     rb_define_singleton_method(mNative, "exclude_current_thread", native_exclude_current_thread, 0);
     rb_define_const(mNative, "MAX_THREADS", INT2NUM(PO_MAX_THREADS));

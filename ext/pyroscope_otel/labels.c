@@ -19,6 +19,11 @@
 static po_labelset **intern_buckets;
 static size_t intern_mask, intern_count;
 
+/* Names of labels whose value identifies one span (GVL: set and read). */
+#define MAX_ID_KEYS 8
+static char id_keys[MAX_ID_KEYS][64] = { "profile_id", "span_id", "trace_id" };
+static int id_key_count = 3;
+
 static uint64_t fnv1a(uint64_t h, const char *p, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
@@ -118,15 +123,43 @@ static po_labelset *intern(po_labelset *cand)
     return cand;
 }
 
+static int id_key(const po_label *l)
+{
+    for (int i = 0; i < id_key_count; i++)
+        if (strlen(id_keys[i]) == l->key_len && memcmp(l->key, id_keys[i], l->key_len) == 0) return 1;
+    return 0;
+}
+
+void po_labelset_add_id_key(const char *key, long len)
+{
+    if (len <= 0 || len >= (long)sizeof(id_keys[0])) rb_raise(rb_eArgError, "id label name must be 1..63 bytes, got %ld", len);
+    for (int i = 0; i < id_key_count; i++)
+        if ((long)strlen(id_keys[i]) == len && memcmp(id_keys[i], key, len) == 0) return;
+    if (id_key_count == MAX_ID_KEYS) rb_raise(rb_eArgError, "at most %d id label names", MAX_ID_KEYS);
+    memcpy(id_keys[id_key_count], key, len);
+    id_keys[id_key_count++][len] = 0;
+}
+
+#define FNV_BASIS 0xcbf29ce484222325ULL
+
+uint64_t po_labelset_kind(const po_labelset *ls)
+{
+    return ls ? ls->kind : FNV_BASIS;
+}
+
 /* Hashes and interns a filled, sorted set; returns a new reference (maybe to its twin). */
 static po_labelset *seal(po_labelset *ls)
 {
-    uint64_t h = 0xcbf29ce484222325ULL;
+    uint64_t h = FNV_BASIS, kind = FNV_BASIS;
     for (uint32_t i = 0; i < ls->count; i++) {
         h = fnv1a(h, ls->pairs[i].key, ls->pairs[i].key_len + 1);
         h = fnv1a(h, ls->pairs[i].value, ls->pairs[i].value_len + 1);
+        if (id_key(&ls->pairs[i])) continue;
+        kind = fnv1a(kind, ls->pairs[i].key, ls->pairs[i].key_len + 1);
+        kind = fnv1a(kind, ls->pairs[i].value, ls->pairs[i].value_len + 1);
     }
     ls->hash = h;
+    ls->kind = kind;
     po_lock();
     po_labelset *got = intern(ls);
     po_unlock();

@@ -46,6 +46,7 @@ typedef struct po_label {
 
 typedef struct po_labelset {
     uint64_t hash;
+    uint64_t kind; /* hash of its pairs but the ids of one span (profile_id, ...): spans of a kind */
     uint32_t refs; /* under po_lock */
     uint32_t count;
     struct po_labelset *intern_next;
@@ -61,6 +62,8 @@ void po_label_pair(VALUE *key, VALUE *value); /* GVL: checks and converts one pa
 /* GVL: base with over's pairs added (over wins on a shared key); a new reference, NULL
  * when both are empty or memory is short. Never raises. */
 po_labelset *po_labelset_merge(const po_labelset *base, const po_labelset *over);
+uint64_t po_labelset_kind(const po_labelset *ls); /* NULL ok: the kind of no labels */
+void po_labelset_add_id_key(const char *key, long len); /* GVL; may raise: sets built later leave it out of their kind */
 VALUE po_labelset_to_hash(const po_labelset *ls); /* GVL */
 void po_labelset_ref(po_labelset *ls);            /* under po_lock; NULL ok */
 void po_labelset_unref(po_labelset *ls);          /* under po_lock; NULL ok; may free */
@@ -86,6 +89,7 @@ typedef struct po_thread {
     int tracked;            /* its CPU is being accounted (sampled, and charged at label changes) */
     int excluded;           /* the gem's own Ruby threads: never given a timer */
     volatile int switching; /* inside a label change: its own samples are deferred to it */
+    volatile int off_gvl_pending; /* its timer fired while it ran without the GVL */
     timer_t timer;
     uint64_t last_cpu_ns;   /* CPU time already accounted; under po_lock */
     po_labelset *labels;    /* the label slot: what its samples carry now; under po_lock */
@@ -154,12 +158,15 @@ int po_signal_installed(void);
 #define PO_LINE_GC (-1)
 #define PO_LINE_TRUNCATED (-2)
 #define PO_LINE_FIBER_SWITCH (-3)
+#define PO_LINE_THREAD_EXIT (-4)
 /* HANDLER or GVL, the calling thread only, which must hold the GVL. With trim_own
  * (GVL, under po_lock), drops leaf-most frames of C functions and own paths (at most
  * PO_MAX_SKIP, never the last). Keeps at most max_depth + 1 (the extra one a truncation
  * marker); buffers hold max_depth + 1 + PO_MAX_SKIP. Returns the count. */
 int po_stack_capture(VALUE *frames, int *lines, int max_depth, int trim_own);
 void po_stack_set_own_paths(VALUE paths); /* GVL; Array of String prefixes */
+/* Under po_lock (HANDLER or GVL): the leaf-most Ruby frame is the gem's or the SDK's */
+int po_stack_is_own(const VALUE *frames, int n);
 
 /* ---- aggregate.c: (stack, labels) -> cpu ns, count, in bounded memory -------------- */
 typedef struct po_stack {
@@ -208,6 +215,12 @@ po_sample_ref po_agg_ref(const po_agg *a, uint32_t index); /* PO_NO_SAMPLE for U
 po_sample *po_agg_sample(po_agg *a, po_sample_ref ref);    /* under po_lock; NULL when void */
 void po_agg_mark(const po_agg *a);             /* GC mark phase */
 
+/* ---- attribution.c: where unseen CPU goes (under po_lock) -------------------------- */
+void po_attr_note(const po_agg *a, uint64_t kind, uint32_t stack); /* a timer sample's stack in a */
+uint32_t po_attr_draw(const po_agg *a, uint64_t kind); /* a recent stack of that kind in a, or UINT32_MAX */
+void po_attr_carry_over(const po_agg *from, po_agg *to); /* the kinds' stacks follow a swap */
+void po_attr_forget(void);
+
 /* ---- sampler.c: the state of the profiler and the two sampling paths --------------- */
 typedef struct po_config {
     long interval_ns;
@@ -221,6 +234,13 @@ extern po_config po_cfg;
 extern po_agg *po_active;  /* the buffer the handler writes; swapped by po_take */
 
 void po_sample_from_handler(po_thread *t);
+/* GVL, on t's own thread just after it took the GVL back (Ruby >= 3.2): the sample its
+ * timer asked for while it ran without the GVL, at the stack that released it. */
+void po_sample_after_gvl(po_thread *t);
+/* Under po_lock, t's thread is exiting (any context): its CPU since its last sample is
+ * charged (its stack cannot be walked: its last sample's, or its kind's), then its entry
+ * is released. */
+void po_thread_exit_locked(po_thread *t);
 /* GVL, the calling thread: account its CPU since the last sample to its current labels,
  * with its current stack (own frames trimmed), then put `labels` (a new reference the
  * slot takes) in its slot. */
@@ -241,7 +261,7 @@ int po_stop(void);                                                 /* GVL; 0 if 
 void po_sampler_after_fork_child(void);
 po_agg *po_agg_buffers(void); /* both buffers, for marking */
 uint64_t po_realtime_ns(void);
-extern uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
+extern uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes, po_stat_drawn_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
     po_stat_timer_errors;
 extern int po_stat_last_timer_errno;
 

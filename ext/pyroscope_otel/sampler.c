@@ -36,7 +36,7 @@ static int *handler_lines, *gvl_lines;
 static int buffers_depth;
 
 /* counters: written under po_lock, or with atomics where the handler cannot lock */
-uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
+uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes, po_stat_drawn_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
     po_stat_timer_errors;
 int po_stat_last_timer_errno;
 
@@ -45,15 +45,26 @@ po_agg *po_agg_buffers(void)
     return bufs;
 }
 
+/* Spans of a kind share stacks for their unseen CPU; code without labels, only the
+ * thread's own. */
+static uint64_t kind_of(const po_thread *t)
+{
+    return t->labels ? po_labelset_kind(t->labels) : po_labelset_kind(NULL) ^ ((uint64_t)t->tid * 0x9e3779b97f4a7c15ULL);
+}
+
 /* Under po_lock, on the sampled thread, which holds the GVL: its stack and the CPU it used
- * since its previous sample, with a count of 1. */
+ * since its previous sample, with a count of 1. The stack is also a draw for its kind's
+ * unseen CPU (attribution.c), unless it is the profiler's or the SDK's own code: their
+ * cost shows where it was sampled, never as another span's work. */
 static void sample_locked(po_thread *t, VALUE *frames, int *lines)
 {
     uint64_t now = po_thread_cpu_ns(t->tid);
     if (now <= t->last_cpu_ns) return;
     int n = po_stack_capture(frames, lines, po_cfg.max_depth, 0);
     if (n <= 0) return;
-    t->last = po_agg_ref(po_active, po_agg_record(po_active, frames, lines, n, t->labels, now - t->last_cpu_ns, 1));
+    uint32_t stack = po_agg_intern_stack(po_active, frames, lines, n);
+    t->last = po_agg_ref(po_active, po_agg_record_stack(po_active, stack, t->labels, now - t->last_cpu_ns, 1));
+    if (!po_stack_is_own(frames, n)) po_attr_note(po_active, kind_of(t), stack);
     po_stat_samples++;
     /* the walk and the aggregation, on this thread's clock: the profiler's own cost,
      * measured where it is spent; charged to the next sample, like any CPU */
@@ -70,6 +81,10 @@ void po_sample_from_handler(po_thread *t)
         return;
     }
     if (!po_current_thread_holds_gvl(t)) {
+        /* Running C code that released the GVL (zlib, a database driver): its stack is not
+         * ours to walk now, but it is the stack it will have when it takes the GVL back,
+         * where the thread event hook samples it (Ruby >= 3.2). */
+        t->off_gvl_pending = 1;
         __atomic_add_fetch(&po_stat_skipped_off_gvl, 1, __ATOMIC_RELAXED);
         return;
     }
@@ -95,13 +110,40 @@ void po_sample_on_gvl(void)
     po_unlock();
 }
 
-/* Under po_lock: charges the CPU since the thread's last sample to its current labels
- * (count 0): to that sample when it was taken under them in this window, else to the
- * stack where they end, or to a synthetic frame when that stack is not theirs (a fiber
- * switch). */
-static void charge_tail_locked(po_thread *t, int fiber_switch)
+void po_sample_after_gvl(po_thread *t)
 {
-    if (!po_running || !t->tracked || !po_active || t->tid != po_current_tid()) return;
+    if (!t->off_gvl_pending) return;
+    t->off_gvl_pending = 0;
+    if (t->switching || !t->tracked) return;
+    po_lock();
+    if (po_running && po_active) sample_locked(t, gvl_frames, gvl_lines);
+    po_unlock();
+}
+
+/* Where the CPU since a thread's last sample is charged when its labels change or it
+ * exits. */
+enum tail_site { TAIL_HERE, TAIL_FIBER_SWITCH, TAIL_EXIT };
+
+/* The stack for unseen CPU that no sample of its kind can take: where the labels change,
+ * minus the binding's and the SDK's frames, when that is the code's own stack; else a
+ * synthetic frame naming why there is none. */
+static uint32_t fallback_stack(enum tail_site site)
+{
+    int n = 1;
+    gvl_frames[0] = PO_FRAME_SYNTHETIC;
+    if (site == TAIL_FIBER_SWITCH) gvl_lines[0] = PO_LINE_FIBER_SWITCH;
+    else if (site == TAIL_EXIT) gvl_lines[0] = PO_LINE_THREAD_EXIT;
+    else n = po_stack_capture(gvl_frames, gvl_lines, po_cfg.max_depth, 1); /* our own frames: no allocation */
+    return n > 0 ? po_agg_intern_stack(po_active, gvl_frames, gvl_lines, n) : UINT32_MAX;
+}
+
+/* Under po_lock: charges the CPU since the thread's last sample to its current labels
+ * (count 0): to that sample when it was taken under them in this window, else to a stack
+ * drawn from the recent samples of its labels' kind (attribution.c), else to the fallback. */
+static void charge_tail_locked(po_thread *t, enum tail_site site)
+{
+    if (!po_running || !t->tracked || !po_active) return;
+    if (site != TAIL_EXIT && t->tid != po_current_tid()) return;
     uint64_t now = po_thread_cpu_ns(t->tid);
     if (now <= t->last_cpu_ns) return;
     uint64_t tail = now - t->last_cpu_ns;
@@ -109,21 +151,23 @@ static void charge_tail_locked(po_thread *t, int fiber_switch)
     if (last) {
         last->cpu_ns += tail;
     } else {
-        int n;
-        if (fiber_switch) {
-            gvl_frames[0] = PO_FRAME_SYNTHETIC;
-            gvl_lines[0] = PO_LINE_FIBER_SWITCH;
-            n = 1;
+        uint32_t stack = po_attr_draw(po_active, kind_of(t));
+        if (stack != UINT32_MAX) {
+            po_stat_drawn_flushes++;
         } else {
-            /* Walking under the lock is safe: it reads this thread's own frames and
-             * neither allocates nor raises. */
-            n = po_stack_capture(gvl_frames, gvl_lines, po_cfg.max_depth, 1);
+            stack = fallback_stack(site);
+            po_stat_boundary_flushes++;
         }
-        if (n > 0) po_agg_record(po_active, gvl_frames, gvl_lines, n, t->labels, tail, 0);
-        po_stat_boundary_flushes++;
+        po_agg_record_stack(po_active, stack, t->labels, tail, 0);
     }
     t->last_cpu_ns = now;
     po_stat_label_flushes++;
+}
+
+void po_thread_exit_locked(po_thread *t)
+{
+    charge_tail_locked(t, TAIL_EXIT);
+    po_thread_release(t);
 }
 
 /* Under po_lock: `labels` (a reference the slot takes) replaces the thread's labels; the
@@ -144,7 +188,7 @@ void po_switch_labels(po_thread *t, po_labelset *labels)
 {
     po_lock();
     if (labels != t->labels) {
-        charge_tail_locked(t, 0);
+        charge_tail_locked(t, TAIL_HERE);
         po_put_labels_locked(t, labels);
     } else {
         po_labelset_unref(labels); /* the same set: nothing to charge, the slot has its reference */
@@ -157,7 +201,7 @@ void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_label
 {
     po_lock();
     po_fiber_labels *was = t->fiber;
-    if (labels != t->labels) charge_tail_locked(t, 1);
+    if (labels != t->labels) charge_tail_locked(t, TAIL_FIBER_SWITCH);
     if (was) was->last = t->last; /* it keeps its last sample for when it runs again */
     po_fiber_labels_detach(t);
     if (labels != t->labels) po_put_labels_locked(t, labels);
@@ -271,6 +315,9 @@ int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signa
     }
     if (!no_signals) po_signal_install();
     ensure_buffers(max_samples, max_depth);
+    po_lock();
+    po_attr_forget();
+    po_unlock();
     po_cfg.interval_ns = interval_ns;
     po_cfg.max_depth = max_depth;
     po_cfg.max_samples = max_samples;

@@ -13,7 +13,8 @@
  * changed the labels: the leaf-most frames of C functions and of the gem's and the
  * OpenTelemetry gems' own files (registered as path prefixes) are trimmed first, so
  * that neither this gem nor the SDK is ever the leaf of such a charge. Other stacks are
- * kept as they are: a timer sample in the SDK is the SDK's true cost.
+ * kept as they are: a timer sample in the SDK is the SDK's true cost, but it is not drawn
+ * for another span's unseen CPU (po_stack_is_own, attribution.c).
  */
 #include "pyroscope_otel.h"
 #include <string.h>
@@ -68,6 +69,16 @@ static int own_frame(VALUE frame)
     long n = RSTRING_LEN(path);
     for (long i = 0; i < own_count; i++)
         if (n >= own_lens[i] && memcmp(p, own_paths[i], own_lens[i]) == 0) return 1;
+    return 0;
+}
+
+int po_stack_is_own(const VALUE *frames, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (frames[i] == PO_FRAME_SYNTHETIC) return 0;
+        VALUE path = rb_profile_frame_path(frames[i]);
+        if (!NIL_P(path)) return own_frame(frames[i]);
+    }
     return 0;
 }
 

@@ -55,8 +55,13 @@ static void on_gvl_event(rb_event_flag_t event, const rb_internal_thread_event_d
     (void)arg;
     po_thread *t = event_thread(data);
     if (event == RUBY_INTERNAL_THREAD_EVENT_RESUMED) { /* holds the GVL, on the thread itself */
-        if (t && t->tracked) t->holds_gvl = 1;
-        else if (po_running) po_sampler_register_current();
+        if (t && t->tracked) {
+            t->holds_gvl = 1;
+            /* the stack can be walked only from its own thread (3.3+ may run hooks elsewhere) */
+            if (t->off_gvl_pending && t->tid == po_current_tid()) po_sample_after_gvl(t);
+        } else if (po_running) {
+            po_sampler_register_current();
+        }
     } else if (t) {
         t->holds_gvl = 0;
     }
@@ -71,7 +76,7 @@ static void on_exit_event(rb_event_flag_t event, const rb_internal_thread_event_
     po_thread_bind(data->thread, NULL);
     if (!t) return;
     po_lock();
-    if (t->tid) po_thread_release(t);
+    if (t->tid) po_thread_exit_locked(t);
     po_unlock();
 #else
     (void)data;

@@ -156,7 +156,7 @@ void po_thread_forget_current(void)
     pid_t tid = tls_tid ? tls_tid : po_gettid();
     po_lock();
     po_thread *t = find_locked(tid);
-    if (t) po_thread_release(t);
+    if (t) po_thread_exit_locked(t);
     po_unlock();
     tls_self = NULL;
 }

@@ -30,8 +30,10 @@ struct take {
 VALUE po_frame_name(VALUE frame, int line)
 {
     if (frame == PO_FRAME_SYNTHETIC)
-        return rb_str_new_cstr(line == PO_LINE_GC ? "(garbage collection)"
-                               : line == PO_LINE_FIBER_SWITCH ? "(fiber switch)" : "(truncated)");
+        return rb_str_new_cstr(line == PO_LINE_GC             ? "(garbage collection)"
+                               : line == PO_LINE_FIBER_SWITCH ? "(fiber switch)"
+                               : line == PO_LINE_THREAD_EXIT  ? "(thread exit)"
+                                                              : "(truncated)");
     VALUE name = rb_profile_frame_full_label(frame);
     return NIL_P(name) ? rb_str_new_cstr("(unknown)") : name;
 }
@@ -106,6 +108,7 @@ po_agg *po_window_begin(uint64_t *started, uint64_t *ended)
     po_agg *a = po_active;
     po_active = a == &bufs[0] ? &bufs[1] : &bufs[0];
     po_active->started_at_ns = now;
+    po_attr_carry_over(a, po_active);
     po_unlock();
     *started = a->started_at_ns;
     return a;

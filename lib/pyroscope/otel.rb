@@ -55,6 +55,9 @@ module Pyroscope
         raise ArgumentError, "span_id_label, span_name_label and trace_id_label must differ, got #{names}" if names.uniq.size < 3
 
         Native.add_own_paths(*Otel.opentelemetry_paths)
+        # unsampled short spans take stacks of spans of their kind: the same labels but these
+        Native.add_id_label(@span_id_label)
+        Native.add_id_label(@trace_id_label)
       end
 
       def app_name
