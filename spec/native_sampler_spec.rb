@@ -103,7 +103,10 @@ RSpec.describe "Pyroscope::Native sampler" do
     expect(in_heavy[true].to_f / (in_heavy[true] + in_heavy[false])).to be > 0.97
   end
 
-  it "charges a span that got no timer sample at the stack where its labels changed" do
+  # Spans of a kind that has no timer sample yet (this one, right after start): the stack
+  # where the labels changed is the only one there is; see spec/attribution_spec.rb for
+  # spans of a sampled kind.
+  it "charges a span of a kind with no timer sample at the stack where its labels changed" do
     native.start(sample_rate: 10)
     native.set_labels({ "span" => "short" })
     work.light(0.002)

@@ -11,6 +11,11 @@
  * drawn at random from a kind's recent samples is an unbiased estimate of where that
  * kind's unseen CPU went; per span it is one draw, over many spans the picture is the
  * kind's. A span's CPU total stays exact; its stack is the kind's, not necessarily its own.
+ * A kind is drawn from once it has a stack; before, its CPU goes where its labels changed.
+ * A kind whose labels hold no span id (code outside spans, tags alone) has the same labels
+ * at every charge, so those charges are held in one sample and moved to its first stack
+ * (po_attr_hold): code that rarely runs long enough for a sample, such as one thread's
+ * gaps between spans, does not stay at the boundaries until it gets one.
  * Code without labels is a kind per thread (sampler.c): the gaps between one thread's
  * spans, not every unlabelled thread of the process. Stacks of the profiler's and the
  * SDK's own code are never noted (their cost stays where it was sampled), and a start
@@ -24,7 +29,8 @@
  * other; the cost is a few more charges where the labels changed.
  *
  * Contexts: everything runs under po_lock (HANDLER for po_attr_note, GVL or NOGVL for the
- * rest); nothing allocates.
+ * rest); nothing allocates. A moved charge keeps the sample it left, with less CPU (maybe
+ * none: export skips empty samples).
  */
 #include "pyroscope_otel.h"
 #include <string.h>
@@ -37,6 +43,11 @@ typedef struct kind_entry {
     uint64_t epoch; /* of the buffer its stack numbers belong to; 0: empty */
     uint32_t used, next;
     uint32_t stacks[PO_KIND_STACKS];
+    /* CPU of this kind charged where its labels changed while it had no stack yet, and the
+     * sample that took it: moved to the kind's first stack (kinds without span ids only,
+     * whose every charge has the same labels) */
+    po_sample_ref held;
+    uint64_t held_ns;
 } kind_entry;
 
 static kind_entry kinds[PO_KINDS];
@@ -47,18 +58,40 @@ static kind_entry *entry_of(uint64_t kind)
     return &kinds[kind & (PO_KINDS - 1)];
 }
 
-void po_attr_note(const po_agg *a, uint64_t kind, uint32_t stack)
+/* e becomes kind's, in a, empty */
+static void claim(kind_entry *e, const po_agg *a, uint64_t kind)
+{
+    memset(e, 0, sizeof(*e));
+    e->kind = kind;
+    e->epoch = a->epoch;
+}
+
+void po_attr_note(po_agg *a, uint64_t kind, uint32_t stack)
 {
     if (stack == UINT32_MAX) return;
     kind_entry *e = entry_of(kind);
-    if (e->kind != kind || e->epoch != a->epoch) {
-        e->kind = kind;
-        e->epoch = a->epoch;
-        e->used = e->next = 0;
+    if (e->kind != kind || e->epoch != a->epoch) claim(e, a, kind);
+    po_sample *held = po_agg_sample(a, e->held);
+    if (held) {
+        uint64_t ns = e->held_ns < held->cpu_ns ? e->held_ns : held->cpu_ns;
+        if (po_agg_record_stack(a, stack, held->labels, ns, 0) != UINT32_MAX) held->cpu_ns -= ns;
     }
+    e->held = PO_NO_SAMPLE;
     e->stacks[e->next] = stack;
     e->next = (e->next + 1) % PO_KIND_STACKS;
     if (e->used < PO_KIND_STACKS) e->used++;
+}
+
+void po_attr_hold(po_agg *a, uint64_t kind, po_sample_ref sample, uint64_t cpu_ns)
+{
+    kind_entry *e = entry_of(kind);
+    if (e->kind != kind || e->epoch != a->epoch) claim(e, a, kind);
+    if (e->used) return;
+    if (e->held.epoch != sample.epoch || e->held.index != sample.index) {
+        e->held = sample;
+        e->held_ns = 0;
+    }
+    e->held_ns += cpu_ns;
 }
 
 uint32_t po_attr_draw(const po_agg *a, uint64_t kind)
@@ -82,6 +115,7 @@ void po_attr_carry_over(const po_agg *from, po_agg *to)
             if (s != UINT32_MAX) e->stacks[kept++] = s;
         }
         e->epoch = to->epoch;
+        e->held = PO_NO_SAMPLE; /* stays in the window it was charged in */
         e->used = kept;
         e->next = kept % PO_KIND_STACKS;
     }

@@ -47,6 +47,7 @@ typedef struct po_label {
 typedef struct po_labelset {
     uint64_t hash;
     uint64_t kind; /* hash of its pairs but the ids of one span (profile_id, ...): spans of a kind */
+    int has_id;    /* it holds such an id */
     uint32_t refs; /* under po_lock */
     uint32_t count;
     struct po_labelset *intern_next;
@@ -63,6 +64,7 @@ void po_label_pair(VALUE *key, VALUE *value); /* GVL: checks and converts one pa
  * when both are empty or memory is short. Never raises. */
 po_labelset *po_labelset_merge(const po_labelset *base, const po_labelset *over);
 uint64_t po_labelset_kind(const po_labelset *ls); /* NULL ok: the kind of no labels */
+int po_labelset_has_id(const po_labelset *ls);    /* NULL ok */
 void po_labelset_add_id_key(const char *key, long len); /* GVL; may raise: sets built later leave it out of their kind */
 VALUE po_labelset_to_hash(const po_labelset *ls); /* GVL */
 void po_labelset_ref(po_labelset *ls);            /* under po_lock; NULL ok */
@@ -90,6 +92,7 @@ typedef struct po_thread {
     int excluded;           /* the gem's own Ruby threads: never given a timer */
     volatile int switching; /* inside a label change: its own samples are deferred to it */
     volatile int off_gvl_pending; /* its timer fired while it ran without the GVL */
+    volatile int gc_pending;      /* its timer fired during a GC */
     timer_t timer;
     uint64_t last_cpu_ns;   /* CPU time already accounted; under po_lock */
     po_labelset *labels;    /* the label slot: what its samples carry now; under po_lock */
@@ -159,11 +162,13 @@ int po_signal_installed(void);
 #define PO_LINE_TRUNCATED (-2)
 #define PO_LINE_FIBER_SWITCH (-3)
 #define PO_LINE_THREAD_EXIT (-4)
-/* HANDLER or GVL, the calling thread only, which must hold the GVL. With trim_own
+/* HANDLER or GVL, the calling thread only, which must hold the GVL. With PO_STACK_TRIM_OWN
  * (GVL, under po_lock), drops leaf-most frames of C functions and own paths (at most
  * PO_MAX_SKIP, never the last). Keeps at most max_depth + 1 (the extra one a truncation
  * marker); buffers hold max_depth + 1 + PO_MAX_SKIP. Returns the count. */
-int po_stack_capture(VALUE *frames, int *lines, int max_depth, int trim_own);
+#define PO_STACK_TRIM_OWN 1  /* trim_own below */
+#define PO_STACK_GC_ENDING 2 /* in the GC's exit hook: walk, the VM is consistent again */
+int po_stack_capture(VALUE *frames, int *lines, int max_depth, int flags);
 void po_stack_set_own_paths(VALUE paths); /* GVL; Array of String prefixes */
 /* Under po_lock (HANDLER or GVL): the leaf-most Ruby frame is the gem's or the SDK's */
 int po_stack_is_own(const VALUE *frames, int n);
@@ -216,7 +221,9 @@ po_sample *po_agg_sample(po_agg *a, po_sample_ref ref);    /* under po_lock; NUL
 void po_agg_mark(const po_agg *a);             /* GC mark phase */
 
 /* ---- attribution.c: where unseen CPU goes (under po_lock) -------------------------- */
-void po_attr_note(const po_agg *a, uint64_t kind, uint32_t stack); /* a timer sample's stack in a */
+void po_attr_note(po_agg *a, uint64_t kind, uint32_t stack); /* a timer sample's stack in a */
+/* the fallback sample that took cpu_ns of a kind without span ids and without a stack yet */
+void po_attr_hold(po_agg *a, uint64_t kind, po_sample_ref sample, uint64_t cpu_ns);
 uint32_t po_attr_draw(const po_agg *a, uint64_t kind); /* a recent stack of that kind in a, or UINT32_MAX */
 void po_attr_carry_over(const po_agg *from, po_agg *to); /* the kinds' stacks follow a swap */
 void po_attr_forget(void);
@@ -234,9 +241,11 @@ extern po_config po_cfg;
 extern po_agg *po_active;  /* the buffer the handler writes; swapped by po_take */
 
 void po_sample_from_handler(po_thread *t);
-/* GVL, on t's own thread just after it took the GVL back (Ruby >= 3.2): the sample its
- * timer asked for while it ran without the GVL, at the stack that released it. */
-void po_sample_after_gvl(po_thread *t);
+/* GVL, on t's own thread: the sample its timer asked for where its stack could not be
+ * walked, taken now that it can and before any Ruby code ran: just after it took the GVL
+ * back (Ruby >= 3.2), at the stack that released it; after a GC, at the stack that
+ * triggered it, under a synthetic_leaf (a PO_LINE_*; 0: none). */
+void po_sample_deferred(po_thread *t, int synthetic_leaf);
 /* Under po_lock, t's thread is exiting (any context): its CPU since its last sample is
  * charged (its stack cannot be walked: its last sample's, or its kind's), then its entry
  * is released. */
@@ -271,6 +280,10 @@ void po_thread_events_start(void); /* GVL, on start */
 void po_thread_events_stop(void);  /* GVL, on stop */
 int po_current_thread_holds_gvl(po_thread *t); /* HANDLER-safe */
 int po_mn_threads_enabled(void);
+
+/* ---- gc_events.c: the end of each GC, where a sample deferred during it is taken ---- */
+void po_gc_events_start(void); /* GVL */
+void po_gc_events_stop(void);  /* GVL */
 
 /* ---- ticker.c: the signal-free trigger (Ruby >= 3.3) ---------------------------------- */
 int po_ticker_start(long interval_ns); /* GVL; 0 when this Ruby cannot do it */

@@ -56,11 +56,17 @@ static uint64_t kind_of(const po_thread *t)
  * since its previous sample, with a count of 1. The stack is also a draw for its kind's
  * unseen CPU (attribution.c), unless it is the profiler's or the SDK's own code: their
  * cost shows where it was sampled, never as another span's work. */
-static void sample_locked(po_thread *t, VALUE *frames, int *lines)
+static void sample_locked(po_thread *t, VALUE *frames, int *lines, int synthetic_leaf)
 {
     uint64_t now = po_thread_cpu_ns(t->tid);
     if (now <= t->last_cpu_ns) return;
-    int n = po_stack_capture(frames, lines, po_cfg.max_depth, 0);
+    int n = 0;
+    if (synthetic_leaf) { /* the buffers have room for it: max_depth + 1 + PO_MAX_SKIP */
+        frames[0] = PO_FRAME_SYNTHETIC;
+        lines[0] = synthetic_leaf;
+        n = 1;
+    }
+    n += po_stack_capture(frames + n, lines + n, po_cfg.max_depth, synthetic_leaf == PO_LINE_GC ? PO_STACK_GC_ENDING : 0);
     if (n <= 0) return;
     uint32_t stack = po_agg_intern_stack(po_active, frames, lines, n);
     t->last = po_agg_ref(po_active, po_agg_record_stack(po_active, stack, t->labels, now - t->last_cpu_ns, 1));
@@ -80,6 +86,12 @@ void po_sample_from_handler(po_thread *t)
         __atomic_add_fetch(&po_stat_skipped_busy, 1, __ATOMIC_RELAXED);
         return;
     }
+    if (rb_during_gc()) {
+        /* The VM's frames may be moving (compaction): the stack that triggered the GC is
+         * walked when it ends (gc_events.c), with the GC as its leaf. */
+        t->gc_pending = 1;
+        return;
+    }
     if (!po_current_thread_holds_gvl(t)) {
         /* Running C code that released the GVL (zlib, a database driver): its stack is not
          * ours to walk now, but it is the stack it will have when it takes the GVL back,
@@ -94,7 +106,7 @@ void po_sample_from_handler(po_thread *t)
     }
     if (po_running && po_active) {
         if (t->has_timer) po_timer_rejitter(t); /* under po_lock: the timer cannot be deleted meanwhile */
-        sample_locked(t, handler_frames, handler_lines);
+        sample_locked(t, handler_frames, handler_lines, 0);
     }
     po_unlock();
 }
@@ -106,17 +118,15 @@ void po_sample_on_gvl(void)
     po_thread *t = po_thread_current(0);
     if (!t || !t->tracked || t->switching || rb_during_gc()) return;
     po_lock();
-    if (po_running && po_active) sample_locked(t, gvl_frames, gvl_lines);
+    if (po_running && po_active) sample_locked(t, gvl_frames, gvl_lines, 0);
     po_unlock();
 }
 
-void po_sample_after_gvl(po_thread *t)
+void po_sample_deferred(po_thread *t, int synthetic_leaf)
 {
-    if (!t->off_gvl_pending) return;
-    t->off_gvl_pending = 0;
     if (t->switching || !t->tracked) return;
     po_lock();
-    if (po_running && po_active) sample_locked(t, gvl_frames, gvl_lines);
+    if (po_running && po_active) sample_locked(t, gvl_frames, gvl_lines, synthetic_leaf);
     po_unlock();
 }
 
@@ -133,7 +143,7 @@ static uint32_t fallback_stack(enum tail_site site)
     gvl_frames[0] = PO_FRAME_SYNTHETIC;
     if (site == TAIL_FIBER_SWITCH) gvl_lines[0] = PO_LINE_FIBER_SWITCH;
     else if (site == TAIL_EXIT) gvl_lines[0] = PO_LINE_THREAD_EXIT;
-    else n = po_stack_capture(gvl_frames, gvl_lines, po_cfg.max_depth, 1); /* our own frames: no allocation */
+    else n = po_stack_capture(gvl_frames, gvl_lines, po_cfg.max_depth, PO_STACK_TRIM_OWN); /* our own frames: no allocation */
     return n > 0 ? po_agg_intern_stack(po_active, gvl_frames, gvl_lines, n) : UINT32_MAX;
 }
 
@@ -151,14 +161,16 @@ static void charge_tail_locked(po_thread *t, enum tail_site site)
     if (last) {
         last->cpu_ns += tail;
     } else {
-        uint32_t stack = po_attr_draw(po_active, kind_of(t));
+        uint64_t kind = kind_of(t);
+        uint32_t stack = po_attr_draw(po_active, kind);
         if (stack != UINT32_MAX) {
+            po_agg_record_stack(po_active, stack, t->labels, tail, 0);
             po_stat_drawn_flushes++;
         } else {
-            stack = fallback_stack(site);
+            uint32_t idx = po_agg_record_stack(po_active, fallback_stack(site), t->labels, tail, 0);
+            if (!po_labelset_has_id(t->labels)) po_attr_hold(po_active, kind, po_agg_ref(po_active, idx), tail);
             po_stat_boundary_flushes++;
         }
-        po_agg_record_stack(po_active, stack, t->labels, tail, 0);
     }
     t->last_cpu_ns = now;
     po_stat_label_flushes++;
@@ -327,6 +339,7 @@ int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signa
         rb_warn("pyroscope: no_signals on Ruby < 3.3: no timer samples (postponed job triggers from another "
                 "thread need Ruby 3.3); CPU is recorded only where labels change, at the stack of the change");
     po_thread_events_start();
+    po_gc_events_start();
     VALUE list = rb_funcall(rb_cThread, rb_intern("list"), 0);
     rb_block_call(list, rb_intern("each"), 0, NULL, register_each_thread, Qnil);
     return 1;
@@ -338,6 +351,7 @@ int po_stop(void)
     __atomic_store_n(&po_running, 0, __ATOMIC_SEQ_CST);
     po_ticker_stop();
     po_thread_events_stop();
+    po_gc_events_stop();
     po_lock();
     for (int i = 0; i < PO_MAX_THREADS; i++) {
         if (po_threads[i].has_timer) po_timer_disarm(&po_threads[i]);

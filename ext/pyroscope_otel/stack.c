@@ -6,6 +6,8 @@
  * and allocates nothing. During a GC the VM's frames may be mid-move (compaction), so the
  * stack is not walked and the sample is charged to a synthetic "(garbage collection)"
  * frame instead, which is also where a profiler user wants that CPU to show.
+ * At the end of a GC (its exit hook, gc_events.c) the moves are over and the frames can be
+ * walked again, though the VM still reports a GC.
  * The caller's buffers hold max_depth + 1 + PO_MAX_SKIP entries: a deeper stack keeps its max_depth
  * leaf-most frames and ends in a "(truncated)" marker in place of the root-most ones.
  *
@@ -82,9 +84,10 @@ int po_stack_is_own(const VALUE *frames, int n)
     return 0;
 }
 
-int po_stack_capture(VALUE *frames, int *lines, int max_depth, int trim_own)
+int po_stack_capture(VALUE *frames, int *lines, int max_depth, int flags)
 {
-    if (rb_during_gc()) {
+    int trim_own = flags & PO_STACK_TRIM_OWN;
+    if (!(flags & PO_STACK_GC_ENDING) && rb_during_gc()) {
         frames[0] = PO_FRAME_SYNTHETIC;
         lines[0] = PO_LINE_GC;
         return 1;

@@ -87,6 +87,7 @@ static VALUE convert(VALUE arg)
     VALUE samples = rb_ary_new_capa(a->samples_used);
     for (uint32_t i = 0; i < a->samples_used; i++) {
         po_sample *s = &a->samples[i];
+        if (s->cpu_ns == 0) continue; /* all its CPU moved to its kind's stack (attribution.c) */
         rb_ary_push(samples, rb_ary_new_from_args(4, RARRAY_AREF(tk->stack_objs, s->stack), labels_obj(tk, s->labels),
                                                   ULL2NUM(s->cpu_ns), ULL2NUM(s->count)));
     }

@@ -15,4 +15,15 @@ class Workload
   def recurse(depth, seconds)
     depth.zero? ? burn(seconds) : recurse(depth - 1, seconds)
   end
+
+  # CPU burnt without the GVL (needs `require "zlib"`): zlib inflates with it released from
+  # start to end (given no block, it grows the output buffer without it too). Into a reused
+  # buffer: no garbage, so no GC, whose CPU would show on a stackless "(garbage collection)"
+  # frame.
+  def inflate_blob(blob, buffer)
+    inflater = Zlib::Inflate.new
+    inflater.inflate(blob, buffer: buffer)
+  ensure
+    inflater&.close
+  end
 end
