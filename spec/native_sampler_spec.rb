@@ -211,6 +211,27 @@ RSpec.describe "Pyroscope::Native sampler" do
     expect(native.stats[:label_sets]).to be <= label_sets
   end
 
+  # Regression: an exiting thread's entry was released without charging the CPU it used since
+  # its last sample, so threads that end inside their labels lost their last moments.
+  it "charges a thread's CPU since its last sample when it exits, labels still set" do
+    native.start(sample_rate: 10) # timer samples are rare: most of the CPU is charged at exit
+    measured = Queue.new
+    Array.new(40) do |i|
+      Thread.new do
+        native.set_labels({ "exiting" => i.to_s })
+        before = thread_cpu
+        work.worker_two(0.003)
+        measured << (thread_cpu - before)
+      end
+    end.each(&:join)
+    native.stop
+    cpu = cpu_by(take_samples) { |_, labels| labels["exiting"] }
+    cpu.delete(nil)
+    total = Array.new(measured.size) { measured.pop }.sum
+    expect(cpu.size).to eq(40)
+    expect(cpu.values.sum / 1e9).to be_within(0.1 * total).of(total)
+  end
+
   it "keeps labels consistent when many threads set and clear them at once" do
     label_sets = native.stats[:label_sets]
     native.start(sample_rate: 1000)
