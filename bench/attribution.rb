@@ -8,20 +8,21 @@
 # total error, the spans of >= 1 ms that got CPU, and the sampler's own CPU
 # (stats[:sampling_cpu_ns]: timer samples' walks and aggregation) against the process's.
 # Median (min–max).
-#   ruby -Ilib bench/attribution.rb [repeats] [CPU seconds per thread]
+#   ruby -Ilib bench/attribution.rb [repeats] [CPU seconds per thread] [sample rate]
 require "pyroscope/otel"
 require_relative "support"
 require_relative "../spec/support/fast_api"
 
 REPEATS = Integer(ARGV[0] || (Bench.quick? ? 2 : 5))
 CPU_SECONDS = Float(ARGV[1] || (Bench.quick? ? 1.0 : 3.0))
+RATE = Integer(ARGV[2] || 100)
 N = Pyroscope::Native
 
 runs = Array.new(REPEATS) do |i|
   api = FastApi.new
   sampling = N.stats[:sampling_cpu_ns]
   process = Bench.process_cpu
-  N.start(sample_rate: 100)
+  N.start(sample_rate: RATE)
   api.run(threads: 2, cpu_seconds: CPU_SECONDS, seed: i)
   N.stop
   overhead = (N.stats[:sampling_cpu_ns] - sampling) / 1e9 / (Bench.process_cpu - process)
@@ -38,7 +39,7 @@ leaf = runs.map { |r| r[:request_leaf] }
 error = runs.map { |r| r[:total_error].values.map(&:abs).max }
 with_cpu = runs.map { |r| r[:spans_with_cpu] }
 overhead = runs.map { |r| r[:overhead] }
-puts "Attribution of a fast API's spans, Ruby #{RUBY_VERSION}, #{REPEATS} repeats of 2 threads × #{CPU_SECONDS} s CPU at 100 Hz"
+puts "Attribution of a fast API's spans, Ruby #{RUBY_VERSION}, #{REPEATS} repeats of 2 threads × #{CPU_SECONDS} s CPU at #{RATE} Hz"
 Bench.report(rows + [
   { bench: "attribution", metric: "span CPU with the request frame as leaf, %", value: pct.call(leaf),
     target: "≤ 3 %", met: Bench.median(leaf) <= 0.03 },
