@@ -11,11 +11,11 @@
  * drawn at random from a kind's recent samples is an unbiased estimate of where that
  * kind's unseen CPU went; per span it is one draw, over many spans the picture is the
  * kind's. A span's CPU total stays exact; its stack is the kind's, not necessarily its own.
- * A kind is drawn from once it has a stack; before, its CPU goes where its labels changed.
- * A kind whose labels hold no span id (code outside spans, tags alone) has the same labels
- * at every charge, so those charges are held in one sample and moved to its first stack
- * (po_attr_hold): code that rarely runs long enough for a sample, such as one thread's
- * gaps between spans, does not stay at the boundaries until it gets one.
+ * A kind is drawn from once it has a stack; before, its CPU goes where its labels changed,
+ * and the samples that took it are held (po_attr_hold) and moved to the kind's first stack:
+ * neither a new kind's first spans nor code that rarely runs long enough for a sample (one
+ * thread's gaps between spans) stays at the boundaries. A kind holds at most PO_KIND_HELD
+ * samples (a kind without span ids needs one: its labels are the same at every charge).
  * Code without labels is a kind per thread (sampler.c): the gaps between one thread's
  * spans, not every unlabelled thread of the process. Stacks of the profiler's and the
  * SDK's own code are never noted (their cost stays where it was sampled), and a start
@@ -37,6 +37,7 @@
 
 #define PO_KINDS 1024 /* a power of two */
 #define PO_KIND_STACKS 8
+#define PO_KIND_HELD 16 /* a kind's unsampled spans before its first sample (~7 for 1.5 ms spans at 100 Hz) */
 
 typedef struct kind_entry {
     uint64_t kind;
@@ -44,10 +45,11 @@ typedef struct kind_entry {
     uint32_t used, next;
     uint32_t stacks[PO_KIND_STACKS];
     /* CPU of this kind charged where its labels changed while it had no stack yet, and the
-     * sample that took it: moved to the kind's first stack (kinds without span ids only,
-     * whose every charge has the same labels) */
-    po_sample_ref held;
-    uint64_t held_ns;
+     * samples that took it (one per span; kinds without span ids share one): moved to the
+     * kind's first stack */
+    uint32_t holding;
+    po_sample_ref held[PO_KIND_HELD];
+    uint64_t held_ns[PO_KIND_HELD];
 } kind_entry;
 
 static kind_entry kinds[PO_KINDS];
@@ -71,12 +73,14 @@ void po_attr_note(po_agg *a, uint64_t kind, uint32_t stack)
     if (stack == UINT32_MAX) return;
     kind_entry *e = entry_of(kind);
     if (e->kind != kind || e->epoch != a->epoch) claim(e, a, kind);
-    po_sample *held = po_agg_sample(a, e->held);
-    if (held) {
-        uint64_t ns = e->held_ns < held->cpu_ns ? e->held_ns : held->cpu_ns;
+    for (uint32_t i = 0; i < e->holding; i++) {
+        po_sample *held = po_agg_sample(a, e->held[i]);
+        if (!held) continue;
+        /* a timer sample may have joined it (same stack and labels): only the held part moves */
+        uint64_t ns = e->held_ns[i] < held->cpu_ns ? e->held_ns[i] : held->cpu_ns;
         if (po_agg_record_stack(a, stack, held->labels, ns, 0) != UINT32_MAX) held->cpu_ns -= ns;
     }
-    e->held = PO_NO_SAMPLE;
+    e->holding = 0;
     e->stacks[e->next] = stack;
     e->next = (e->next + 1) % PO_KIND_STACKS;
     if (e->used < PO_KIND_STACKS) e->used++;
@@ -86,12 +90,15 @@ void po_attr_hold(po_agg *a, uint64_t kind, po_sample_ref sample, uint64_t cpu_n
 {
     kind_entry *e = entry_of(kind);
     if (e->kind != kind || e->epoch != a->epoch) claim(e, a, kind);
-    if (e->used) return;
-    if (e->held.epoch != sample.epoch || e->held.index != sample.index) {
-        e->held = sample;
-        e->held_ns = 0;
+    if (e->used || !sample.epoch) return;
+    uint32_t i = 0;
+    while (i < e->holding && (e->held[i].epoch != sample.epoch || e->held[i].index != sample.index)) i++;
+    if (i == e->holding) {
+        if (i == PO_KIND_HELD) return; /* stays where the labels changed */
+        e->held[e->holding++] = sample;
+        e->held_ns[i] = 0;
     }
-    e->held_ns += cpu_ns;
+    e->held_ns[i] += cpu_ns;
 }
 
 uint32_t po_attr_draw(const po_agg *a, uint64_t kind)
@@ -115,7 +122,7 @@ void po_attr_carry_over(const po_agg *from, po_agg *to)
             if (s != UINT32_MAX) e->stacks[kept++] = s;
         }
         e->epoch = to->epoch;
-        e->held = PO_NO_SAMPLE; /* stays in the window it was charged in */
+        e->holding = 0; /* held CPU stays in the window it was charged in */
         e->used = kept;
         e->next = kept % PO_KIND_STACKS;
     }

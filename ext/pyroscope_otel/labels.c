@@ -147,23 +147,14 @@ uint64_t po_labelset_kind(const po_labelset *ls)
     return ls ? ls->kind : FNV_BASIS;
 }
 
-int po_labelset_has_id(const po_labelset *ls)
-{
-    return ls && ls->has_id;
-}
-
 /* Hashes and interns a filled, sorted set; returns a new reference (maybe to its twin). */
 static po_labelset *seal(po_labelset *ls)
 {
     uint64_t h = FNV_BASIS, kind = FNV_BASIS;
-    ls->has_id = 0;
     for (uint32_t i = 0; i < ls->count; i++) {
         h = fnv1a(h, ls->pairs[i].key, ls->pairs[i].key_len + 1);
         h = fnv1a(h, ls->pairs[i].value, ls->pairs[i].value_len + 1);
-        if (id_key(&ls->pairs[i])) {
-            ls->has_id = 1;
-            continue;
-        }
+        if (id_key(&ls->pairs[i])) continue;
         kind = fnv1a(kind, ls->pairs[i].key, ls->pairs[i].key_len + 1);
         kind = fnv1a(kind, ls->pairs[i].value, ls->pairs[i].value_len + 1);
     }

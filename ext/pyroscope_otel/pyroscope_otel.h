@@ -47,7 +47,6 @@ typedef struct po_label {
 typedef struct po_labelset {
     uint64_t hash;
     uint64_t kind; /* hash of its pairs but the ids of one span (profile_id, ...): spans of a kind */
-    int has_id;    /* it holds such an id */
     uint32_t refs; /* under po_lock */
     uint32_t count;
     struct po_labelset *intern_next;
@@ -64,7 +63,6 @@ void po_label_pair(VALUE *key, VALUE *value); /* GVL: checks and converts one pa
  * when both are empty or memory is short. Never raises. */
 po_labelset *po_labelset_merge(const po_labelset *base, const po_labelset *over);
 uint64_t po_labelset_kind(const po_labelset *ls); /* NULL ok: the kind of no labels */
-int po_labelset_has_id(const po_labelset *ls);    /* NULL ok */
 void po_labelset_add_id_key(const char *key, long len); /* GVL; may raise: sets built later leave it out of their kind */
 VALUE po_labelset_to_hash(const po_labelset *ls); /* GVL */
 void po_labelset_ref(po_labelset *ls);            /* under po_lock; NULL ok */
@@ -222,7 +220,7 @@ void po_agg_mark(const po_agg *a);             /* GC mark phase */
 
 /* ---- attribution.c: where unseen CPU goes (under po_lock) -------------------------- */
 void po_attr_note(po_agg *a, uint64_t kind, uint32_t stack); /* a timer sample's stack in a */
-/* the fallback sample that took cpu_ns of a kind without span ids and without a stack yet */
+/* the fallback sample that took cpu_ns of a kind without a stack yet */
 void po_attr_hold(po_agg *a, uint64_t kind, po_sample_ref sample, uint64_t cpu_ns);
 uint32_t po_attr_draw(const po_agg *a, uint64_t kind); /* a recent stack of that kind in a, or UINT32_MAX */
 void po_attr_carry_over(const po_agg *from, po_agg *to); /* the kinds' stacks follow a swap */

@@ -168,7 +168,7 @@ static void charge_tail_locked(po_thread *t, enum tail_site site)
             po_stat_drawn_flushes++;
         } else {
             uint32_t idx = po_agg_record_stack(po_active, fallback_stack(site), t->labels, tail, 0);
-            if (!po_labelset_has_id(t->labels)) po_attr_hold(po_active, kind, po_agg_ref(po_active, idx), tail);
+            po_attr_hold(po_active, kind, po_agg_ref(po_active, idx), tail);
             po_stat_boundary_flushes++;
         }
     }
