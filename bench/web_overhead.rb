@@ -38,10 +38,12 @@ def run(mode, dir)
   end.each(&:join)
   io.close_write
   server_cpu = Float(io.gets)
+  sampler_cpu = Float(io.gets)
   io.read
   io.close
   all = latencies.flatten.sort
-  { rps: all.size / SECONDS, p50: percentile(all, 0.5), p99: percentile(all, 0.99), cpu_per_req: server_cpu / all.size }
+  { rps: all.size / SECONDS, p50: percentile(all, 0.5), p99: percentile(all, 0.99), cpu_per_req: server_cpu / all.size,
+    sampler_share: sampler_cpu / server_cpu }
 end
 
 runs = Hash.new { |h, k| h[k] = [] }
@@ -63,6 +65,9 @@ Bench.report([
   { bench: "web", metric: "server CPU per request (incl. start-up), none → profiled",
     value: "#{(Bench.median(runs["none"].map { |r| r[:cpu_per_req] }) * 1e6).round} µs → " \
            "#{(Bench.median(runs["profiled"].map { |r| r[:cpu_per_req] }) * 1e6).round} µs" },
+  { bench: "web", metric: "sampler's own CPU, % of the profiled server's",
+    value: Bench.spread(runs["profiled"].map { |r| r[:sampler_share] * 100 }, 3), target: "≤ 1 %",
+    met: Bench.median(runs["profiled"].map { |r| r[:sampler_share] }) <= 0.01 },
   { bench: "web", metric: "p50 latency, none → profiled", value: "#{ms.call("none", :p50)} → #{ms.call("profiled", :p50)}" },
   { bench: "web", metric: "p99 latency, none → profiled", value: "#{ms.call("none", :p99)} → #{ms.call("profiled", :p99)}" },
   { bench: "web", metric: "p99 ratio, profiled / none", value: Bench.spread(p99, 3), target: "≤ 1.02",

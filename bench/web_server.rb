@@ -47,6 +47,8 @@ $stdout.puts server.connected_ports.first
 $stdout.flush
 $stdin.read
 $stdout.puts Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) # the server's CPU, for CPU per request
+# the sampler's own CPU (timer samples' walks and aggregation), for its share of the server's
+$stdout.puts(defined?(Pyroscope::Native) ? Pyroscope::Native.stats[:sampling_cpu_ns] / 1e9 : 0)
 $stdout.flush
 server.stop(true)
 Pyroscope.shutdown if mode != "none"
