@@ -91,6 +91,7 @@ typedef struct po_thread {
     volatile int switching; /* inside a label change: its own samples are deferred to it */
     volatile int off_gvl_pending; /* its timer fired while it ran without the GVL */
     volatile int gc_pending;      /* its timer fired during a GC */
+    volatile uint64_t deferred_at_cpu_ns; /* its CPU time when the last such sample fired */
     timer_t timer;
     uint64_t last_cpu_ns;   /* CPU time already accounted; under po_lock */
     po_labelset *labels;    /* the label slot: what its samples carry now; under po_lock */

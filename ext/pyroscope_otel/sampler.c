@@ -56,10 +56,14 @@ static uint64_t kind_of(const po_thread *t)
  * since its previous sample, with a count of 1. The stack is also a draw for its kind's
  * unseen CPU (attribution.c), unless it is the profiler's or the SDK's own code: their
  * cost shows where it was sampled, never as another span's work. */
-static void sample_locked(po_thread *t, VALUE *frames, int *lines, int synthetic_leaf)
+static void sample_locked(po_thread *t, VALUE *frames, int *lines, int synthetic_leaf, uint64_t fired_at_cpu_ns)
 {
     uint64_t now = po_thread_cpu_ns(t->tid);
-    if (now <= t->last_cpu_ns) return;
+    /* a deferred sample stands for the moment its timer fired: the CPU after that goes to
+     * the next sample, as for any other, or every deferred sample would also take the
+     * CPU up to the moment it could be taken (measured: +5 points to zlib's share) */
+    uint64_t at = fired_at_cpu_ns && fired_at_cpu_ns < now ? fired_at_cpu_ns : now;
+    if (at <= t->last_cpu_ns) return;
     int n = 0;
     if (synthetic_leaf) { /* the buffers have room for it: max_depth + 1 + PO_MAX_SKIP */
         frames[0] = PO_FRAME_SYNTHETIC;
@@ -69,12 +73,12 @@ static void sample_locked(po_thread *t, VALUE *frames, int *lines, int synthetic
     n += po_stack_capture(frames + n, lines + n, po_cfg.max_depth, synthetic_leaf == PO_LINE_GC ? PO_STACK_GC_ENDING : 0);
     if (n <= 0) return;
     uint32_t stack = po_agg_intern_stack(po_active, frames, lines, n);
-    t->last = po_agg_ref(po_active, po_agg_record_stack(po_active, stack, t->labels, now - t->last_cpu_ns, 1));
+    t->last = po_agg_ref(po_active, po_agg_record_stack(po_active, stack, t->labels, at - t->last_cpu_ns, 1));
     if (!po_stack_is_own(frames, n)) po_attr_note(po_active, kind_of(t), stack);
     po_stat_samples++;
+    t->last_cpu_ns = at;
     /* the walk and the aggregation, on this thread's clock: the profiler's own cost,
      * measured where it is spent; charged to the next sample, like any CPU */
-    t->last_cpu_ns = now;
     po_stat_sampling_ns += po_thread_cpu_ns(t->tid) - now;
 }
 
@@ -89,6 +93,7 @@ void po_sample_from_handler(po_thread *t)
     if (rb_during_gc()) {
         /* The VM's frames may be moving (compaction): the stack that triggered the GC is
          * walked when it ends (gc_events.c), with the GC as its leaf. */
+        t->deferred_at_cpu_ns = po_thread_cpu_ns(t->tid);
         t->gc_pending = 1;
         return;
     }
@@ -96,6 +101,7 @@ void po_sample_from_handler(po_thread *t)
         /* Running C code that released the GVL (zlib, a database driver): its stack is not
          * ours to walk now, but it is the stack it will have when it takes the GVL back,
          * where the thread event hook samples it (Ruby >= 3.2). */
+        t->deferred_at_cpu_ns = po_thread_cpu_ns(t->tid);
         t->off_gvl_pending = 1;
         __atomic_add_fetch(&po_stat_skipped_off_gvl, 1, __ATOMIC_RELAXED);
         return;
@@ -106,7 +112,7 @@ void po_sample_from_handler(po_thread *t)
     }
     if (po_running && po_active) {
         if (t->has_timer) po_timer_rejitter(t); /* under po_lock: the timer cannot be deleted meanwhile */
-        sample_locked(t, handler_frames, handler_lines, 0);
+        sample_locked(t, handler_frames, handler_lines, 0, 0);
     }
     po_unlock();
 }
@@ -118,7 +124,7 @@ void po_sample_on_gvl(void)
     po_thread *t = po_thread_current(0);
     if (!t || !t->tracked || t->switching || rb_during_gc()) return;
     po_lock();
-    if (po_running && po_active) sample_locked(t, gvl_frames, gvl_lines, 0);
+    if (po_running && po_active) sample_locked(t, gvl_frames, gvl_lines, 0, 0);
     po_unlock();
 }
 
@@ -126,7 +132,7 @@ void po_sample_deferred(po_thread *t, int synthetic_leaf)
 {
     if (t->switching || !t->tracked) return;
     po_lock();
-    if (po_running && po_active) sample_locked(t, gvl_frames, gvl_lines, synthetic_leaf);
+    if (po_running && po_active) sample_locked(t, gvl_frames, gvl_lines, synthetic_leaf, t->deferred_at_cpu_ns);
     po_unlock();
 }
 
