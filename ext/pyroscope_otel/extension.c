@@ -18,6 +18,7 @@ static void roots_mark(void *p)
     (void)p;
     po_windows_mark();
     po_label_slots_mark();
+    po_threads_mark();
 }
 
 static const rb_data_type_t roots_type = {
@@ -76,6 +77,7 @@ static VALUE native_stats(VALUE self)
 {
     (void)self;
     VALUE h = rb_hash_new();
+    po_threads_sweep(); /* `threads` counts live threads' entries, on 3.1 too */
     po_lock();
     size_t threads = po_threads_in_use(), label_sets = po_labelset_live_count();
     uint64_t samples = po_stat_samples, sampling_ns = po_stat_sampling_ns, flushes = po_stat_label_flushes,

@@ -391,33 +391,40 @@ static VALUE fiber_labels_to_h(VALUE obj)
     return hash_of(&fiber_labels_of(obj)->tags);
 }
 
-static pid_t tid_arg(VALUE tid)
+/* The live Ruby thread whose native thread id is `tid`, or nil */
+static VALUE thread_with_tid(VALUE tid)
 {
     long v = NUM2LONG(tid);
     if (v <= 0 || v > INT32_MAX) rb_raise(rb_eArgError, "not a native thread id: %ld", v);
-    return (pid_t)v;
+    ID id_native_thread_id = rb_intern("native_thread_id");
+    VALUE list = rb_funcall(rb_cThread, rb_intern("list"), 0);
+    for (long i = 0; i < RARRAY_LEN(list); i++) {
+        VALUE thread = RARRAY_AREF(list, i);
+        VALUE id = rb_funcall(thread, id_native_thread_id, 0);
+        if (!NIL_P(id) && NUM2LONG(id) == v) return thread;
+    }
+    return Qnil;
 }
 
 /* set_thread_labels(thread, hash_or_nil): a thread's thread-wide labels, under every one
  * of its fibers' own (a Thread, or its native thread id). Another thread's stack is not
- * ours to walk, so its CPU since its last sample goes to the new labels. */
+ * ours to walk, so its CPU since its last sample goes to the new labels. False when the
+ * thread has not started or has ended, or the thread table is full. */
 static VALUE native_set_thread_labels(VALUE self, VALUE thread, VALUE labels)
 {
     (void)self;
-    int is_thread = rb_obj_is_kind_of(thread, rb_cThread);
-    VALUE tid = is_thread ? rb_funcall(thread, rb_intern("native_thread_id"), 0) : thread;
-    if (NIL_P(tid)) return Qfalse; /* not started, or exited */
-    pid_t id = tid_arg(tid);
-    po_thread *mine = po_thread_current(1);
-    int self_thread = mine && mine->tid == id;
+    /* A native id stands for the Ruby thread running there: the entry is that thread's,
+     * so its end releases it. (Claimed by tid alone, it was bound to no thread: nothing
+     * released it, and a later thread given the same tid inherited its labels.) A tid no
+     * Ruby thread runs on is never sampled: nothing to label. */
+    if (!rb_obj_is_kind_of(thread, rb_cThread)) thread = thread_with_tid(thread);
+    if (NIL_P(thread)) return Qfalse;
+    int self_thread = thread == rb_thread_current();
+    po_thread *t = self_thread ? po_thread_current(1) : po_thread_of_thread(thread, 1);
+    if (!t) return Qfalse;
     po_labelset *base = po_labelset_from_hash(labels);
-    po_thread *t = self_thread ? mine : po_thread_by_tid(id, 1);
-#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
-    /* bound, so that its exit frees the entry (3.3+ finds entries by Ruby thread) */
-    if (t && !self_thread && is_thread) po_thread_bind(thread, t);
-#endif
     po_lock();
-    if (!t || t->tid != id) { /* no room, or the thread exited meanwhile */
+    if (!t->tid || t->owner != thread) { /* it exited meanwhile (exit hooks run without the GVL) */
         po_labelset_unref(base);
         po_unlock();
         return Qfalse;

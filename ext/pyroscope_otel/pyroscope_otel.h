@@ -84,6 +84,7 @@ typedef struct po_sample_ref {
 /* ---- thread_state.c: the table of known threads -------------------------------- */
 typedef struct po_thread {
     pid_t tid;              /* 0: free slot */
+    VALUE owner;            /* the Ruby Thread whose entry it is; marked (pinned) while in use */
     volatile int holds_gvl; /* Ruby >= 3.2: kept by the GVL hooks */
     int has_timer;
     int tracked;            /* its CPU is being accounted (sampled, and charged at label changes) */
@@ -112,8 +113,15 @@ typedef struct po_thread {
 
 extern po_thread po_threads[PO_MAX_THREADS];
 
-po_thread *po_thread_current(int create);        /* GVL (3.1/3.2: also NOGVL), the calling thread */
-po_thread *po_thread_by_tid(pid_t tid, int create);
+/* GVL, or a thread event hook about the calling thread (3.2+): the calling thread's entry */
+po_thread *po_thread_current(int create);
+/* GVL, outside po_lock and thread event hooks (calls Ruby methods): any Ruby thread's
+ * entry; NULL when it has not started or has ended, or the table is full */
+po_thread *po_thread_of_thread(VALUE thread, int create);
+void po_threads_mark(void);                       /* GC mark phase: the entries' owners */
+/* GVL, outside po_lock and thread event hooks: releases the entries of threads that ended
+ * unseen (Ruby 3.1, which reports only threads that return; a no-op on >= 3.2) */
+void po_threads_sweep(void);
 po_thread *po_thread_cached(void);               /* GVL: the calling thread's entry if known, no search */
 void po_thread_keys_init(void);
 #ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
@@ -128,7 +136,7 @@ clockid_t po_thread_clock(pid_t tid);
 pid_t po_gettid(void);                            /* HANDLER-safe; a system call */
 pid_t po_current_tid(void);                       /* GVL: the same, cached per thread (label changes) */
 size_t po_threads_in_use(void);                   /* under po_lock */
-extern uint64_t po_threads_refused; /* slots exhausted */
+extern uint64_t po_threads_refused; /* claims refused: the table was full of live threads */
 
 /* ---- label_slots.c: per-fiber labels, thread-wide labels, the fiber switch ------- */
 typedef struct po_fiber_labels {

@@ -110,7 +110,9 @@ void po_sample_from_handler(po_thread *t)
         __atomic_add_fetch(&po_stat_skipped_busy, 1, __ATOMIC_RELAXED);
         return;
     }
-    if (po_running && po_active) {
+    /* signal.c checked the entry's tid before the lock: since then another thread may have
+     * released it (an ended thread's entry, thread_state.c) and a claim reused it */
+    if (t->tid == po_gettid() && po_running && po_active) {
         if (t->has_timer) po_timer_rejitter(t); /* under po_lock: the timer cannot be deleted meanwhile */
         sample_locked(t, handler_frames, handler_lines, 0, 0);
     }
@@ -260,17 +262,12 @@ void po_sampler_register_current(void)
     po_unlock();
 }
 
-static void register_thread(VALUE thread, pid_t tid)
+static void register_thread(VALUE thread)
 {
-    po_thread *t = po_thread_by_tid(tid, 1);
+    po_thread *t = po_thread_of_thread(thread, 1);
     if (!t) return;
-#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
-    po_thread_bind(thread, t);
-#else
-    (void)thread;
-#endif
     po_lock();
-    register_locked(t, 0);
+    if (t->owner == thread) register_locked(t, 0); /* else released meanwhile by its exit hook (NOGVL) */
     po_unlock();
 }
 
@@ -317,8 +314,7 @@ static VALUE register_each_thread(RB_BLOCK_CALL_FUNC_ARGLIST(thread, arg))
     if (thread == rb_thread_current()) {
         po_sampler_register_current();
     } else {
-        VALUE tid = rb_funcall(thread, rb_intern("native_thread_id"), 0);
-        if (!NIL_P(tid)) register_thread(thread, (pid_t)NUM2INT(tid));
+        register_thread(thread);
     }
     return Qnil;
 }

@@ -9,12 +9,18 @@
  *             time a thread runs while profiling, gives it its CPU timer.
  *   SUSPENDED (on the thread, just before it releases the GVL; may repeat on 3.2): marks it
  *             as not holding the GVL, so its samples are carried, not walked.
- *   EXITED    (NOGVL, on the exiting thread): deletes its timer and frees its entry. This
- *             hook stays installed while stopped so that label slots never outlive threads.
+ *   EXITED    (NOGVL, on the exiting thread, however it ends): deletes its timer and frees
+ *             its entry. This hook stays installed while stopped so that label slots never
+ *             outlive threads.
  *   The hooks run on every GVL hand-over, so they do a thread-local read and a store.
  *
  * Ruby 3.1 (fallback): no thread event API. New threads are registered by a C-level
- * TracePoint on :thread_begin (GVL, on the new thread), exits seen by one on :thread_end.
+ * TracePoint on :thread_begin (GVL, on the new thread), exits seen by one on :thread_end,
+ * which fires only for threads that return: a thread that raises or is killed (every
+ * Timeout.timeout watcher is) ends unseen. Its entry is released when its end is noticed
+ * (thread_state.c): by the next Ruby thread on its native thread (Ruby's thread cache
+ * reuses it, tid included) at its first lookup, which for a thread started while
+ * profiling is its registration here; otherwise by a sweep of ended owners before claims.
  * Whether a signalled thread holds the GVL is asked of the VM (ruby_thread_has_gvl_p,
  * exported but not in the public headers; it reads thread-local state, so it is safe in
  * the handler). Known bias: the VM reports a thread as holding the GVL until the very
@@ -43,7 +49,7 @@ static po_thread *event_thread(const rb_internal_thread_event_data_t *data)
 {
 #ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
     po_thread *t = po_thread_of(data->thread);
-    return t && t->tid ? t : NULL;
+    return t && t->tid && t->owner == data->thread ? t : NULL; /* else released since it was bound */
 #else
     (void)data;
     return po_thread_current(0);
@@ -79,7 +85,12 @@ static void on_exit_event(rb_event_flag_t event, const rb_internal_thread_event_
     po_thread_bind(data->thread, NULL);
     if (!t) return;
     po_lock();
-    if (t->tid) po_thread_exit_locked(t);
+    /* its own entry only: since it was bound, another thread may have released it (having
+     * found it ended, thread_state.c) and claimed it for a thread of its own */
+    if (t->tid && t->owner == data->thread) {
+        /* exit charge: see sampler.c */
+        po_thread_exit_locked(t);
+    }
     po_unlock();
 #else
     (void)data;
