@@ -107,4 +107,47 @@ RSpec.describe "Thread entries of ended threads" do
     total = Array.new(6) { measured.pop }.sum
     expect(burnt.sum { |s| s[2] } / 1e9).to be_within(0.1 * total).of(total)
   end
+
+  it "keeps labelling calls from raising when the thread table is full, and recovers once threads end" do
+    out, err, status = run_ruby(<<~'RUBY')
+      require "pyroscope"
+      native = Pyroscope::Native
+      n = native::MAX_THREADS + 16
+      baseline = native.stats[:threads]
+      ready = Queue.new
+      go = Queue.new
+      threads = Array.new(n) do |i|
+        Thread.new do
+          Pyroscope.tag_wrapper({ "request" => i.to_s }) do
+            Pyroscope._add_tags(Pyroscope.thread_id, { "victim" => i.to_s })
+            native.push_span("span", i.to_s)
+            ready << native.labels
+            go.pop
+          end
+          :returned
+        end
+      end
+      labelled = Array.new(n) { ready.pop }.count { |l| l["request"] }
+      refused = native.stats[:threads_refused]
+      n.times { go << 1 }
+      ended = threads.map(&:value).tally
+      # killed, not returned: on Ruby 3.1 nothing reports their end
+      ready = Queue.new
+      threads = Array.new(n) { Thread.new { native.set_labels({ "second" => "1" }); ready << 1; sleep } }
+      n.times { ready.pop }
+      threads.each(&:kill).each(&:join)
+      native.start
+      after = Array.new(4) { Thread.new { Pyroscope.tag_wrapper({ "after" => "1" }) { native.labels } } }.map(&:value)
+      native.stop
+      p(labelled: labelled, refused: refused.positive?, ended: ended, after: after.uniq,
+        back: native.stats[:threads] <= baseline + 1)
+    RUBY
+    # before: RuntimeError "more than 4096 threads carry labels" out of tag_wrapper, in the app
+    expect(status).to be_success, err
+    result = eval(out.lines.last) # rubocop:disable Security/Eval
+    max = Pyroscope::Native::MAX_THREADS
+    expect(result).to include(refused: true, ended: { returned: max + 16 }, after: [{ "after" => "1" }], back: true)
+    expect(result[:labelled]).to be_between(max - 2, max)
+    expect(err.scan("threads are known to the profiler").size).to eq(1), err
+  end
 end

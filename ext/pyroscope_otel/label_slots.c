@@ -22,6 +22,11 @@
  * end in any order; an outer one ending first leaves the inner one's labels in place.
  * Thread-wide labels changed later reach a fiber's effective set when it next runs.
  *
+ * A thread needs an entry in the thread table for a slot. When the table is full (4 096
+ * live threads), labelling calls go on without one instead of raising into the
+ * application: the fiber keeps its labels, the thread's samples do not exist (it is not
+ * sampled either), the refusals are counted and warned about once.
+ *
  * Contexts: everything here runs on the GVL. Ruby work (building sets, which may raise,
  * allocating objects) happens before po_lock is taken; the object of the fiber running on
  * a thread is marked through the thread table, so it cannot be freed while it is current.
@@ -116,10 +121,34 @@ static po_fiber_labels *fiber_labels_of(VALUE obj)
     return rb_check_typeddata(obj, &fiber_labels_type);
 }
 
+static VALUE warn_table_full(VALUE unused)
+{
+    (void)unused;
+    rb_warn("pyroscope: %d threads are known to the profiler, the most it holds: threads beyond them are "
+            "neither labelled nor sampled (counted in Pyroscope::Native.stats[:threads_refused])",
+            PO_MAX_THREADS);
+    return Qnil;
+}
+
+/* Labelling is the application's call path (a request's tag_wrapper), so a full thread
+ * table never raises: the threads beyond it go unlabelled, counted in stats
+ * (po_threads_refused), with one warning per process. */
+static void warn_once_table_full(void)
+{
+    static int warned;
+    if (warned) return;
+    warned = 1;
+    int state;
+    rb_protect(warn_table_full, Qnil, &state); /* a Warning.warn that raises stays out of the app too */
+    if (state) rb_set_errinfo(Qnil);
+}
+
+/* The calling thread's entry, claimed if need be; NULL when the table is full of live
+ * threads (its fibers then keep their labels, unused). */
 static po_thread *current_entry(void)
 {
     po_thread *t = po_thread_current(1);
-    if (!t) rb_raise(rb_eRuntimeError, "pyroscope: more than %d threads carry labels", PO_MAX_THREADS);
+    if (!t) warn_once_table_full();
     return t;
 }
 
@@ -199,6 +228,13 @@ static void refresh(VALUE obj)
     po_labelset *own = merged(f->tags, top);
     if (current_object(0) == obj) {
         po_thread *t = current_entry();
+        if (!t) { /* no room in the thread table: the fiber keeps them, its thread has no slot */
+            po_lock();
+            store_locked(f, own, NULL, NULL);
+            f->stale = 1;
+            po_unlock();
+            return;
+        }
         po_lock();
         po_labelset *base = t->base;
         po_labelset_ref(base);
@@ -244,7 +280,7 @@ static po_thread *begin_change(VALUE obj)
 {
     if (current_object(0) != obj) return NULL;
     po_thread *t = current_entry();
-    t->switching = 1;
+    if (t) t->switching = 1;
     return t;
 }
 
@@ -420,7 +456,9 @@ static VALUE native_set_thread_labels(VALUE self, VALUE thread, VALUE labels)
     if (!rb_obj_is_kind_of(thread, rb_cThread)) thread = thread_with_tid(thread);
     if (NIL_P(thread)) return Qfalse;
     int self_thread = thread == rb_thread_current();
-    po_thread *t = self_thread ? po_thread_current(1) : po_thread_of_thread(thread, 1);
+    uint64_t refused = po_threads_refused;
+    po_thread *t = self_thread ? current_entry() : po_thread_of_thread(thread, 1);
+    if (!t && po_threads_refused != refused) warn_once_table_full();
     if (!t) return Qfalse;
     po_labelset *base = po_labelset_from_hash(labels);
     po_lock();
