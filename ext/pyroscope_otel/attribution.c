@@ -16,7 +16,7 @@
  * neither a new kind's first spans nor code that rarely runs long enough for a sample (one
  * thread's gaps between spans) stays at the boundaries. A kind holds at most PO_KIND_HELD
  * samples (a kind without span ids needs one: its labels are the same at every charge).
- * Code without labels is a kind per thread (sampler.c): the gaps between one thread's
+ * Code without labels is a kind per thread (account.c): the gaps between one thread's
  * spans, not every unlabelled thread of the process. Stacks of the profiler's and the
  * SDK's own code are never noted (their cost stays where it was sampled), and a start
  * forgets every kind: samples from before a stop are not recent.

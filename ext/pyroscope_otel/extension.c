@@ -16,7 +16,7 @@ void po_pprof_read_init(VALUE mNative);
 static void roots_mark(void *p)
 {
     (void)p;
-    po_windows_mark();
+    po_recorder_mark();
     po_label_slots_mark();
     po_threads_mark();
 }
@@ -114,9 +114,7 @@ static VALUE native_exclude_current_thread(VALUE self)
     po_thread *t = po_thread_current(1);
     if (!t) return Qfalse;
     po_lock();
-    t->excluded = 1;
-    t->tracked = 0;
-    po_timer_disarm(t);
+    po_account_exclude_locked(t);
     po_unlock();
     return Qtrue;
 }
@@ -148,7 +146,7 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
 
     po_thread_events_init();
     rb_set_end_proc(stop_at_exit, Qnil);
-    pthread_atfork(NULL, NULL, po_sampler_after_fork_child);
+    pthread_atfork(NULL, NULL, po_profiler_after_fork_child);
     pthread_atfork(NULL, NULL, po_ticker_after_fork_child);
 
     rb_define_singleton_method(mNative, "_start", native_start, 4);

@@ -46,7 +46,7 @@ static void fiber_labels_free(void *p)
 {
     po_fiber_labels *f = p;
     po_lock();
-    if (f->on && f->on->fiber == f) po_fiber_labels_detach(f->on);
+    if (f->on && f->on->fiber == f) po_thread_detach_fiber(f->on);
     po_labelset_unref(f->tags);
     po_labelset_unref(f->own);
     po_labelset_unref(f->effective);
@@ -87,13 +87,6 @@ static const rb_data_type_t span_labels_type = {
     .function = { .dmark = span_labels_mark, .dfree = span_labels_free },
     .flags = RUBY_TYPED_FREE_IMMEDIATELY,
 };
-
-void po_fiber_labels_detach(po_thread *t)
-{
-    if (t->fiber) t->fiber->on = NULL;
-    t->fiber = NULL;
-    t->fiber_obj = 0;
-}
 
 void po_label_slots_mark(void)
 {
@@ -244,7 +237,7 @@ static void refresh(VALUE obj)
         store_locked(f, own, m, base);
         po_labelset_unref(base);
         if (t->fiber != f) {
-            po_fiber_labels_detach(t);
+            po_thread_detach_fiber(t);
             t->fiber = f;
             t->fiber_obj = obj;
             f->on = t;

@@ -35,6 +35,15 @@ int po_trylock(void); /* HANDLER-safe; 1 when acquired */
 void po_unlock(void);
 void po_lock_reset_after_fork(void);
 
+/* ---- cpu_clock.c: thread ids and CPU clocks ------------------------------------------ */
+uint64_t po_thread_cpu_ns(pid_t tid); /* HANDLER-safe; a system call */
+clockid_t po_thread_clock(pid_t tid);
+pid_t po_gettid(void);                /* HANDLER-safe; a system call */
+pid_t po_current_tid(void);           /* GVL: the same, cached per thread (label changes) */
+void po_current_tid_after_fork_child(void);
+uint64_t po_realtime_ns(void);
+int po_mn_threads_enabled(void);      /* M:N threads: native threads shared by Ruby threads */
+
 /* ---- labels.c: immutable, interned, reference-counted label sets ---------------- */
 #define PO_MAX_LABELS 100       /* the server's labels-per-sample limit */
 #define PO_MAX_KEY_BYTES 1024   /* the server's label name limit */
@@ -84,6 +93,7 @@ typedef struct po_sample_ref {
 /* ---- thread_state.c: the table of known threads -------------------------------- */
 typedef struct po_thread {
     pid_t tid;              /* 0: free slot */
+    int index;              /* in po_threads: what its timer's signal carries */
     VALUE owner;            /* the Ruby Thread whose entry it is; marked (pinned) while in use */
     volatile int holds_gvl; /* Ruby >= 3.2: kept by the GVL hooks */
     int has_timer;
@@ -128,13 +138,10 @@ void po_thread_keys_init(void);
 po_thread *po_thread_of(VALUE thread);            /* any context: the entry bound to a Ruby thread */
 void po_thread_bind(VALUE thread, po_thread *t);
 #endif
+void po_thread_register_current(void);            /* GVL: the calling thread's CPU is accounted, with a timer */
 void po_thread_release(po_thread *t);             /* under po_lock: timer, labels, slot */
 void po_thread_forget_current(void);              /* 3.1/3.2: the calling thread is exiting */
 void po_threads_after_fork_child(void);
-uint64_t po_thread_cpu_ns(pid_t tid);             /* HANDLER-safe */
-clockid_t po_thread_clock(pid_t tid);
-pid_t po_gettid(void);                            /* HANDLER-safe; a system call */
-pid_t po_current_tid(void);                       /* GVL: the same, cached per thread (label changes) */
 size_t po_threads_in_use(void);                   /* under po_lock */
 extern uint64_t po_threads_refused; /* claims refused: the table was full of live threads */
 
@@ -150,9 +157,17 @@ typedef struct po_fiber_labels {
     po_sample_ref last; /* its last sample under `effective` while it was not running */
 } po_fiber_labels;
 
+/* under po_lock: t no longer runs t->fiber (the one link between a thread's entry and a
+ * fiber's labels, cut from the thread's side by the table, accounting and label slots) */
+static inline void po_thread_detach_fiber(po_thread *t)
+{
+    if (t->fiber) t->fiber->on = NULL;
+    t->fiber = NULL;
+    t->fiber_obj = 0;
+}
+
 void po_label_slots_init(VALUE mNative); /* at load */
 void po_label_slots_mark(void);          /* GC mark phase: the running fibers' objects */
-void po_fiber_labels_detach(po_thread *t); /* under po_lock: t no longer runs t->fiber */
 
 /* ---- timer.c: one POSIX CPU-time timer per thread ------------------------------ */
 int po_timer_arm(po_thread *t, int slot, long interval_ns); /* 0 or errno */
@@ -177,6 +192,7 @@ int po_signal_installed(void);
 #define PO_STACK_GC_ENDING 2 /* in the GC's exit hook: walk, the VM is consistent again */
 int po_stack_capture(VALUE *frames, int *lines, int max_depth, int flags);
 void po_stack_set_own_paths(VALUE paths); /* GVL; Array of String prefixes */
+VALUE po_frame_name(VALUE frame, int line); /* GVL: "Class#method", or a synthetic frame's name */
 /* Under po_lock (HANDLER or GVL): the leaf-most Ruby frame is the gem's or the SDK's */
 int po_stack_is_own(const VALUE *frames, int n);
 
@@ -235,7 +251,18 @@ uint32_t po_attr_draw(const po_agg *a, uint64_t kind); /* a recent stack of that
 void po_attr_carry_over(const po_agg *from, po_agg *to); /* the kinds' stacks follow a swap */
 void po_attr_forget(void);
 
-/* ---- sampler.c: the state of the profiler and the two sampling paths --------------- */
+/* ---- recorder.c: the two buffers, the active one and the one being taken ----------- */
+extern po_agg *po_active; /* the buffer accounting writes; swapped by a take */
+void po_recorder_alloc(uint32_t max_samples); /* GVL, stopped; raises NoMemoryError */
+/* GVL: swaps out the active buffer for a take (its start and the take's time in *started,
+ * *ended); NULL when another take is under way or the sampler never started. The taker
+ * reads it without the lock (nothing writes it) and hands it back. */
+po_agg *po_window_begin(uint64_t *started, uint64_t *ended);
+void po_window_end(po_agg *a); /* GVL: clears it; the next take may begin */
+void po_recorder_mark(void);   /* GC mark phase */
+void po_recorder_after_fork_child(void);
+
+/* ---- account.c: charging CPU to (stack, labels) ---------------------------------------- */
 typedef struct po_config {
     long interval_ns;
     int max_depth;
@@ -245,48 +272,41 @@ typedef struct po_config {
 
 extern volatile int po_running;
 extern po_config po_cfg;
-extern po_agg *po_active;  /* the buffer the handler writes; swapped by po_take */
 
-void po_sample_from_handler(po_thread *t);
+void po_account_alloc(int max_depth); /* GVL, stopped: stack buffers; raises NoMemoryError */
+/* under po_lock: t's CPU is accounted from now on, with a timer unless no_signals */
+void po_account_register_locked(po_thread *t, int holds_gvl);
+void po_account_exclude_locked(po_thread *t); /* under po_lock: the gem's own threads */
+void po_sample_from_handler(po_thread *t);    /* HANDLER, on t's thread */
+void po_sample_on_gvl(po_thread *t);          /* GVL, on t's thread (the ticker's job) */
 /* GVL, on t's own thread: the sample its timer asked for where its stack could not be
  * walked, taken now that it can and before any Ruby code ran: just after it took the GVL
  * back (Ruby >= 3.2), at the stack that released it; after a GC, at the stack that
  * triggered it, under a synthetic_leaf (a PO_LINE_*; 0: none). */
 void po_sample_deferred(po_thread *t, int synthetic_leaf);
-/* Under po_lock, t's thread is exiting (any context): its CPU since its last sample is
- * charged (its stack cannot be walked: its last sample's, or its kind's), then its entry
- * is released. */
-void po_thread_exit_locked(po_thread *t);
+/* Under po_lock, t's thread is exiting or has ended (any context): its CPU since its last
+ * sample is charged (its stack cannot be walked: its last sample's, or its kind's); the
+ * caller then releases the entry. */
+void po_account_exit_locked(po_thread *t);
 /* GVL, the calling thread: account its CPU since the last sample to its current labels,
- * with its current stack (own frames trimmed), then put `labels` (a new reference the
- * slot takes) in its slot. */
+ * then put `labels` (a new reference the slot takes) in its slot. */
 void po_switch_labels(po_thread *t, po_labelset *labels);
 /* under po_lock: the slot takes `labels` (a reference) without charging anything; for
  * changes made from another thread, whose stack is not ours to walk */
 void po_put_labels_locked(po_thread *t, po_labelset *labels);
 /* GVL, on the calling thread just after it switched to the fiber whose labels are `f`
- * (NULL: none of its own): as po_switch_labels, but the old labels' CPU goes to their last
- * sample, or to a "(fiber switch)" frame when they had none (the old fiber's stack is
- * gone); each fiber keeps its last sample while it is not running. `labels` is a new
- * reference that the slot takes. */
+ * (NULL: none of its own): as po_switch_labels, but the old fiber's stack is gone; each
+ * fiber keeps its last sample while it is not running. `labels` is a new reference that
+ * the slot takes. */
 void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_labelset *labels);
-void po_sampler_register_current(void); /* GVL: give the calling thread a timer */
-int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signals); /* GVL; 0 if running */
-void po_sample_on_gvl(void); /* GVL: sample the calling thread (the ticker's job) */
-int po_stop(void);                                                 /* GVL; 0 if stopped */
-void po_sampler_after_fork_child(void);
-po_agg *po_agg_buffers(void); /* both buffers, for marking */
-uint64_t po_realtime_ns(void);
-extern uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes, po_stat_drawn_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
-    po_stat_timer_errors;
+extern uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes,
+    po_stat_drawn_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl, po_stat_timer_errors;
 extern int po_stat_last_timer_errno;
 
 /* ---- thread_events.c: per-Ruby-version thread lifecycle and GVL state --------------- */
 void po_thread_events_init(void);  /* at load */
 void po_thread_events_start(void); /* GVL, on start */
 void po_thread_events_stop(void);  /* GVL, on stop */
-int po_current_thread_holds_gvl(po_thread *t); /* HANDLER-safe */
-int po_mn_threads_enabled(void);
 
 /* ---- gc_events.c: the end of each GC, where a sample deferred during it is taken ---- */
 void po_gc_events_start(void); /* GVL */
@@ -297,15 +317,13 @@ int po_ticker_start(long interval_ns); /* GVL; 0 when this Ruby cannot do it */
 void po_ticker_stop(void);             /* GVL */
 void po_ticker_after_fork_child(void);
 
-/* ---- window.c ---------------------------------------------------------------------- */
+/* ---- profiler.c: control --------------------------------------------------------------- */
+int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signals); /* GVL; 0 if running */
+int po_stop(void);                                                                    /* GVL; 0 if stopped */
+void po_profiler_after_fork_child(void);
+
+/* ---- window.c: a taken window as Ruby data ------------------------------------------- */
 VALUE po_take_window(void); /* GVL */
-/* GVL: swaps out the active buffer for a take (its start and the take's time in *started,
- * *ended); NULL when another take is under way or the sampler never started. The taker
- * reads it without the lock (the handler writes the other one) and hands it back. */
-po_agg *po_window_begin(uint64_t *started, uint64_t *ended);
-void po_window_end(po_agg *a); /* GVL: clears it; the next take may begin */
-VALUE po_frame_name(VALUE frame, int line); /* GVL: "Class#method", or a synthetic frame's name */
-void po_windows_mark(void);
 
 void Init_pyroscope_otel(void);
 

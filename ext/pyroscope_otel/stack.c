@@ -109,3 +109,14 @@ int po_stack_capture(VALUE *frames, int *lines, int max_depth, int flags)
     }
     return n;
 }
+
+VALUE po_frame_name(VALUE frame, int line)
+{
+    if (frame == PO_FRAME_SYNTHETIC)
+        return rb_str_new_cstr(line == PO_LINE_GC             ? "(garbage collection)"
+                               : line == PO_LINE_FIBER_SWITCH ? "(fiber switch)"
+                               : line == PO_LINE_THREAD_EXIT  ? "(thread exit)"
+                                                              : "(truncated)");
+    VALUE name = rb_profile_frame_full_label(frame);
+    return NIL_P(name) ? rb_str_new_cstr("(unknown)") : name;
+}

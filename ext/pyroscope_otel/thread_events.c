@@ -33,7 +33,7 @@
  * their native thread ids), on every version.
  *
  * M:N threads (Ruby >= 3.3 with RUBY_MN_THREADS=1) break "one Ruby thread, one native
- * thread, one CPU clock": sampling is refused with a warning (sampler.c).
+ * thread, one CPU clock": sampling is refused with a warning (profiler.c).
  */
 #include "pyroscope_otel.h"
 #include <stdlib.h>
@@ -69,7 +69,7 @@ static void on_gvl_event(rb_event_flag_t event, const rb_internal_thread_event_d
                 po_sample_deferred(t, 0);
             }
         } else if (po_running) {
-            po_sampler_register_current();
+            po_thread_register_current();
         }
     } else if (t) {
         t->holds_gvl = 0;
@@ -88,8 +88,8 @@ static void on_exit_event(rb_event_flag_t event, const rb_internal_thread_event_
     /* its own entry only: since it was bound, another thread may have released it (having
      * found it ended, thread_state.c) and claimed it for a thread of its own */
     if (t->tid && t->owner == data->thread) {
-        /* exit charge: see sampler.c */
-        po_thread_exit_locked(t);
+        po_account_exit_locked(t);
+        po_thread_release(t);
     }
     po_unlock();
 #else
@@ -117,14 +117,7 @@ void po_thread_events_stop(void)
     gvl_hook = NULL;
 }
 
-int po_current_thread_holds_gvl(po_thread *t)
-{
-    return t->holds_gvl;
-}
-
 #else /* Ruby 3.1 */
-
-int ruby_thread_has_gvl_p(void); /* exported by libruby, declared only in internal headers */
 
 static VALUE begin_tp, end_tp;
 
@@ -132,7 +125,7 @@ static void on_thread_begin(VALUE tp, void *arg)
 {
     (void)tp;
     (void)arg;
-    po_sampler_register_current();
+    po_thread_register_current();
 }
 
 static void on_thread_end(VALUE tp, void *arg)
@@ -161,20 +154,4 @@ void po_thread_events_stop(void)
     rb_tracepoint_disable(begin_tp);
 }
 
-int po_current_thread_holds_gvl(po_thread *t)
-{
-    (void)t;
-    return ruby_thread_has_gvl_p();
-}
-
 #endif
-
-int po_mn_threads_enabled(void)
-{
-#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE /* Ruby >= 3.3, which has M:N threads */
-    const char *v = getenv("RUBY_MN_THREADS");
-    return v && strcmp(v, "1") == 0;
-#else
-    return 0;
-#endif
-}

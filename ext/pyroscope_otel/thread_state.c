@@ -1,13 +1,16 @@
 /*
- * thread_state.c — the table of threads the profiler knows: their label slot, CPU timer
- * and CPU time already accounted.
+ * thread_state.c — the table of threads the profiler knows: whose entry is whose, found
+ * how, and released when. The entry holds each concern's per-thread state (label slot,
+ * timer, GVL flags, CPU accounting); this file owns only the entry's identity and life.
+ * It sits above accounting: an entry found to belong to an ended thread is charged its
+ * last CPU (po_account_exit_locked) before it is released.
  *
  * The table is a fixed array so that the handler can reach its thread's entry by index
  * (the timer's sigev_value) without a lookup structure that could be resized under it.
  * An entry is claimed when a thread is registered for sampling or first gets labels and
  * released when the thread exits (thread_events.c), when its end is noticed later (below),
  * or when a fork leaves it behind. Entries are reused, so the handler checks that the
- * entry's tid is its own before using it, and again under po_lock (sampler.c): an entry
+ * entry's tid is its own before using it, and again under po_lock (account.c): an entry
  * may be released by another thread than its own.
  *
  * Each entry names its owner, the Ruby Thread it belongs to (marked, so pinned), because
@@ -43,7 +46,6 @@ uint64_t po_threads_refused;
 static int high_water; /* entries at or above it have never been used */
 
 static __thread po_thread *tls_self;
-static __thread pid_t tls_tid;
 
 #ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
 #include <ruby/thread.h>
@@ -67,30 +69,6 @@ void po_thread_bind(VALUE thread, po_thread *t)
 void po_thread_keys_init(void) {}
 #endif
 
-pid_t po_gettid(void)
-{
-    return (pid_t)syscall(SYS_gettid);
-}
-
-/* Linux encodes a thread's CPU clock id from its tid (what glibc's pthread_getcpuclockid
- * computes); it lets us read and time threads we know only by Thread#native_thread_id. */
-static clockid_t thread_clock(pid_t tid)
-{
-    return (clockid_t)((~(unsigned)tid << 3) | 6); /* CPUCLOCK_PERTHREAD_MASK | CPUCLOCK_SCHED */
-}
-
-clockid_t po_thread_clock(pid_t tid)
-{
-    return thread_clock(tid);
-}
-
-uint64_t po_thread_cpu_ns(pid_t tid)
-{
-    struct timespec ts;
-    if (clock_gettime(thread_clock(tid), &ts) != 0) return 0;
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
 static po_thread *find_locked(pid_t tid)
 {
     for (int i = 0; i < high_water; i++)
@@ -107,6 +85,7 @@ static po_thread *claim_locked(VALUE owner, pid_t tid)
         if (t->tid) continue;
         memset(t, 0, sizeof(*t));
         t->tid = tid;
+        t->index = i;
         t->owner = owner;
         t->last_cpu_ns = po_thread_cpu_ns(tid);
         if (i >= high_water) high_water = i + 1;
@@ -142,7 +121,7 @@ static unsigned claims_since_sweep, sweep_every = 1;
 /* GVL, not under po_lock, never in a thread event hook: calls Thread#alive?. The entry is
  * released from this thread while the dead thread's native thread may still be running
  * (finishing, or parked in Ruby's thread cache); its handler checks the tid again under
- * po_lock (sampler.c), so a late signal cannot use an entry released under it. */
+ * po_lock (account.c), so a late signal cannot use an entry released under it. */
 static void sweep_ended(void)
 {
     unsigned kept = 0;
@@ -160,8 +139,8 @@ static void sweep_ended(void)
         }
         po_lock();
         if (po_threads[i].tid && po_threads[i].owner == owner) {
-            /* exit charge: see sampler.c */
-            po_thread_exit_locked(&po_threads[i]);
+            po_account_exit_locked(&po_threads[i]);
+            po_thread_release(&po_threads[i]);
         }
         po_unlock();
     }
@@ -201,8 +180,8 @@ static po_thread *lookup_locked(VALUE thread, pid_t tid, int create, int drop, i
             *taken = 1;
             return NULL;
         }
-        /* exit charge: see sampler.c */
-        po_thread_exit_locked(t);
+        po_account_exit_locked(t);
+        po_thread_release(t);
         t = NULL;
     }
     if (!t && create) {
@@ -241,15 +220,15 @@ static po_thread *entry_of_self(VALUE thread, pid_t tid, int create)
 
 po_thread *po_thread_current(int create)
 {
-    if (!tls_tid) tls_tid = po_gettid();
+    pid_t tid = po_current_tid();
     VALUE thread = rb_thread_current();
 #ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
     po_thread *t = po_thread_of(thread);
 #else
     po_thread *t = tls_self;
 #endif
-    if (t && t->tid == tls_tid && t->owner == thread) return t;
-    t = entry_of_self(thread, tls_tid, create);
+    if (t && t->tid == tid && t->owner == thread) return t;
+    t = entry_of_self(thread, tid, create);
 #ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
     if (t) po_thread_bind(thread, t);
 #endif
@@ -282,8 +261,8 @@ po_thread *po_thread_of_thread(VALUE thread, int create)
         po_lock();
         t = find_locked(tid);
         if (t && t->owner == owner) {
-            /* exit charge: see sampler.c */
-            po_thread_exit_locked(t);
+            po_account_exit_locked(t);
+            po_thread_release(t);
         }
         po_unlock();
     }
@@ -298,8 +277,8 @@ po_thread *po_thread_of_thread(VALUE thread, int create)
     if (!thread_alive(thread)) {
         po_lock();
         if (t->tid == tid && t->owner == thread) {
-            /* exit charge: see sampler.c */
-            po_thread_exit_locked(t);
+            po_account_exit_locked(t);
+            po_thread_release(t);
         }
         po_unlock();
 #ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
@@ -317,22 +296,15 @@ void po_threads_sweep(void)
 #endif
 }
 
-pid_t po_current_tid(void)
-{
-    if (!tls_tid) tls_tid = po_gettid();
-    return tls_tid;
-}
-
 po_thread *po_thread_cached(void)
 {
-    if (!tls_tid) tls_tid = po_gettid();
     VALUE thread = rb_thread_current();
 #ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE
     po_thread *t = po_thread_of(thread);
 #else
     po_thread *t = tls_self;
 #endif
-    return t && t->tid == tls_tid && t->owner == thread ? t : NULL;
+    return t && t->tid == po_current_tid() && t->owner == thread ? t : NULL;
 }
 
 /* GC mark phase: entries' owners. Marked, hence pinned: compaction never moves them, so
@@ -346,10 +318,19 @@ void po_threads_mark(void)
     po_unlock();
 }
 
+void po_thread_register_current(void)
+{
+    po_thread *t = po_thread_current(1);
+    if (!t) return;
+    po_lock();
+    po_account_register_locked(t, 1);
+    po_unlock();
+}
+
 void po_thread_release(po_thread *t)
 {
     po_timer_disarm(t);
-    po_fiber_labels_detach(t);
+    po_thread_detach_fiber(t);
     po_labelset_unref(t->labels);
     po_labelset_unref(t->base);
     po_labelset_unref(t->prev_labels);
@@ -358,12 +339,11 @@ void po_thread_release(po_thread *t)
 
 void po_thread_forget_current(void)
 {
-    pid_t tid = tls_tid ? tls_tid : po_gettid();
     po_lock();
-    po_thread *t = find_locked(tid);
+    po_thread *t = find_locked(po_current_tid());
     if (t) {
-        /* exit charge: see sampler.c */
-        po_thread_exit_locked(t);
+        po_account_exit_locked(t);
+        po_thread_release(t);
     }
     po_unlock();
     tls_self = NULL;
@@ -381,7 +361,7 @@ size_t po_threads_in_use(void)
 void po_threads_after_fork_child(void)
 {
     pid_t self = po_gettid();
-    po_thread *mine = tls_self && tls_self->tid == tls_tid ? tls_self : NULL;
+    po_thread *mine = tls_self && tls_self->tid == po_current_tid() ? tls_self : NULL;
     for (int i = 0; i < high_water; i++) {
         po_thread *t = &po_threads[i];
         if (!t->tid) continue;
@@ -393,12 +373,12 @@ void po_threads_after_fork_child(void)
             t->last_cpu_ns = po_thread_cpu_ns(self);
         } else {
             t->has_timer = 0; /* the timer died with the parent's thread */
-            po_fiber_labels_detach(t);
+            po_thread_detach_fiber(t);
             po_labelset_unref(t->labels);
             po_labelset_unref(t->base);
             po_labelset_unref(t->prev_labels);
             memset(t, 0, sizeof(*t));
         }
     }
-    tls_tid = self;
+    po_current_tid_after_fork_child();
 }

@@ -7,7 +7,7 @@
  * job with rb_postponed_job_trigger, which Ruby >= 3.3 allows from any thread. The job
  * runs on whichever Ruby thread holds the GVL at its next interrupt check (GVL context)
  * and samples that thread: its stack and the CPU it used since its previous sample
- * (sampler.c). A thread that is never running when the job fires is not walked, but its
+ * (account.c). A thread that is never running when the job fires is not walked, but its
  * CPU is not lost: it goes to its next sample or label change. Label changes charge as in
  * the signal mode.
  *
@@ -33,7 +33,8 @@ static long tick_ns;
 static void sample_job(void *arg)
 {
     (void)arg;
-    po_sample_on_gvl();
+    po_thread *t = po_thread_current(0);
+    if (t) po_sample_on_gvl(t);
 }
 
 static void *tick(void *arg)

@@ -1,8 +1,8 @@
 /*
- * window.c — taking a window: everything aggregated since the last take, while sampling
- * goes on into the other buffer; as plain Ruby data here (po_take_window, for tests and
- * tools), or straight into an export model (export_binding.c's _take_model, which uses
- * po_window_begin/po_window_end).
+ * window.c — a window (everything aggregated since the last take, taken through the
+ * recorder's po_window_begin/po_window_end while sampling goes on into the other buffer)
+ * as plain Ruby data: po_take_window, for tests and tools. The exporter takes it straight
+ * into an export model instead (export_binding.c).
  *
  * GVL. The swap of the active buffer is the only step under po_lock; turning frames into
  * strings (rb_profile_frame_*, which allocate and so may run the GC or raise) happens
@@ -18,25 +18,12 @@
 #include "pyroscope_otel.h"
 #include <ruby/st.h>
 
-static int taking;
-
 struct take {
     po_agg *agg;
     st_table *frame_cache; /* frame VALUE -> index in frame_objs */
     st_table *label_cache; /* po_labelset* -> index in label_objs */
     VALUE frame_objs, label_objs, stack_objs, result;
 };
-
-VALUE po_frame_name(VALUE frame, int line)
-{
-    if (frame == PO_FRAME_SYNTHETIC)
-        return rb_str_new_cstr(line == PO_LINE_GC             ? "(garbage collection)"
-                               : line == PO_LINE_FIBER_SWITCH ? "(fiber switch)"
-                               : line == PO_LINE_THREAD_EXIT  ? "(thread exit)"
-                                                              : "(truncated)");
-    VALUE name = rb_profile_frame_full_label(frame);
-    return NIL_P(name) ? rb_str_new_cstr("(unknown)") : name;
-}
 
 /* name and file of a frame: a frozen pair per distinct frame, shared by its lines */
 static VALUE frame_info(struct take *tk, VALUE frame, int line)
@@ -98,31 +85,6 @@ static VALUE convert(VALUE arg)
     return r;
 }
 
-po_agg *po_window_begin(uint64_t *started, uint64_t *ended)
-{
-    po_agg *bufs = po_agg_buffers();
-    uint64_t now = po_realtime_ns();
-    *started = *ended = now;
-    if (taking || !po_active) return NULL;
-    taking = 1;
-    po_lock();
-    po_agg *a = po_active;
-    po_active = a == &bufs[0] ? &bufs[1] : &bufs[0];
-    po_active->started_at_ns = now;
-    po_attr_carry_over(a, po_active);
-    po_unlock();
-    *started = a->started_at_ns;
-    return a;
-}
-
-void po_window_end(po_agg *a)
-{
-    po_lock();
-    po_agg_clear(a);
-    po_unlock();
-    taking = 0;
-}
-
 static VALUE finish(VALUE arg)
 {
     struct take *tk = (struct take *)arg;
@@ -159,11 +121,3 @@ VALUE po_take_window(void)
     return result;
 }
 
-void po_windows_mark(void)
-{
-    po_agg *bufs = po_agg_buffers();
-    po_lock();
-    po_agg_mark(&bufs[0]);
-    po_agg_mark(&bufs[1]);
-    po_unlock();
-}

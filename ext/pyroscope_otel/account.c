@@ -1,48 +1,82 @@
 /*
- * sampler.c — the profiler's state, start/stop, and the two ways CPU time is recorded.
+ * account.c — accounting: every nanosecond of a tracked thread's CPU is charged once, to
+ * (stack, labels), in the recorder's active buffer.
  *
  * 1. A timer sample (HANDLER, the thread whose CPU timer fired): if the thread holds the
- *    GVL, its stack is walked and the CPU time it used since its previous sample is
- *    charged to (stack, its current labels), with a count of 1. A thread without the GVL
- *    (running C code that released it) is not walked (its VM state may be changing under
- *    another thread's GC); its CPU time is not lost but carried into its next sample.
- * 2. A label change (GVL, the thread itself): before the slot changes, the CPU time used
- *    since the thread's previous sample is charged to the *old* labels, with a count of 0.
- *    This is what gives a span shorter than the sample interval its CPU: without it, that
- *    time would land on whatever label comes next. Which stack gets it: when the old labels
- *    already had a timer sample, that sample's stack (a random sample of the span's own
- *    code); only a span that got no timer sample at all is charged at the stack where its
- *    labels change, the one stack of it we have. Charging every tail at the change site
- *    instead was measured to put ~50% of the CPU of 10 ms spans, and ~95% of 1.5 ms
- *    spans, on that one site.
+ *    GVL, its stack is walked and the CPU it used since its previous sample is charged to
+ *    (stack, its current labels), with a count of 1. Where the stack cannot be walked now
+ *    the sample is deferred, not lost: a thread running C code without the GVL is sampled
+ *    when it takes the GVL back (thread_events.c, Ruby >= 3.2; on 3.1 its CPU goes to its
+ *    next sample), one in a GC when the GC ends (gc_events.c); a deferred sample weighs
+ *    the CPU up to the moment its timer fired, like any other.
+ * 2. A label change, a fiber switch or a thread's exit (GVL, or NOGVL for exits): the CPU
+ *    used since the thread's previous sample is charged to the *old* labels, count 0, so
+ *    that a span shorter than the sample interval keeps its CPU. Its stack: the old
+ *    labels' last sample when they had one; else a stack sampled recently in spans of the
+ *    same kind (attribution.c); else, for a kind never sampled yet, where the labels
+ *    changed (own frames trimmed), held until the kind's first stack.
  *
- * Both paths update a thread's last_cpu_ns and the active buffer under po_lock, which the
- * handler only tries: when taken, the sample is skipped and its CPU carried forward.
- * Memory: two aggregation buffers (one being written, one being taken), allocated at
- * start with the configured capacity and reused; the handler's stack buffer likewise.
+ * Both paths run under po_lock, which the handler only tries: when taken, the sample is
+ * skipped and its CPU carried forward. Memory: the stack buffers, allocated at start for
+ * max_depth (the handler's, and the GVL paths' under po_lock), nothing per sample.
+ * Calls go down only: the recorder, attribution, stacks, timers, labels, the CPU clock.
  */
 #include "pyroscope_otel.h"
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef HAVE_RB_INTERNAL_THREAD_ADD_EVENT_HOOK
+/* kept by the GVL hooks (thread_events.c) */
+static int holds_gvl(const po_thread *t)
+{
+    return t->holds_gvl;
+}
+#else
+int ruby_thread_has_gvl_p(void); /* exported by libruby, declared only in internal headers */
+
+/* Ruby 3.1: asked of the VM (thread-local state: safe in the handler); see DESIGN.md for
+ * its bias */
+static int holds_gvl(const po_thread *t)
+{
+    (void)t;
+    return ruby_thread_has_gvl_p();
+}
+#endif
+
 volatile int po_running;
 po_config po_cfg = { 10000000L, 512, 65536, 0 };
-po_agg *po_active;
-static po_agg bufs[2];
-static uint32_t bufs_cap;
 static VALUE *handler_frames, *gvl_frames;
 static int *handler_lines, *gvl_lines;
-static int buffers_depth;
+static int frames_depth;
 
 /* counters: written under po_lock, or with atomics where the handler cannot lock */
-uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes, po_stat_drawn_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl,
-    po_stat_timer_errors;
+uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes, po_stat_drawn_flushes,
+    po_stat_skipped_busy, po_stat_skipped_off_gvl, po_stat_timer_errors;
 int po_stat_last_timer_errno;
 
-po_agg *po_agg_buffers(void)
+static void free_frames(void)
 {
-    return bufs;
+    free(handler_frames); free(handler_lines); free(gvl_frames); free(gvl_lines);
+    handler_frames = gvl_frames = NULL;
+    handler_lines = gvl_lines = NULL;
+    frames_depth = 0;
+}
+
+void po_account_alloc(int max_depth)
+{
+    if (frames_depth == max_depth) return;
+    free_frames();
+    size_t n = (size_t)max_depth + 1 + PO_MAX_SKIP;
+    handler_frames = malloc(n * sizeof(VALUE));
+    gvl_frames = malloc(n * sizeof(VALUE));
+    handler_lines = malloc(n * sizeof(int));
+    gvl_lines = malloc(n * sizeof(int));
+    if (!handler_frames || !gvl_frames || !handler_lines || !gvl_lines) {
+        free_frames();
+        rb_raise(rb_eNoMemError, "pyroscope: cannot allocate stack buffers for max_depth=%d", max_depth);
+    }
+    frames_depth = max_depth;
 }
 
 /* Spans of a kind share stacks for their unseen CPU; code without labels, only the
@@ -97,7 +131,7 @@ void po_sample_from_handler(po_thread *t)
         t->gc_pending = 1;
         return;
     }
-    if (!po_current_thread_holds_gvl(t)) {
+    if (!holds_gvl(t)) {
         /* Running C code that released the GVL (zlib, a database driver): its stack is not
          * ours to walk now, but it is the stack it will have when it takes the GVL back,
          * where the thread event hook samples it (Ruby >= 3.2). */
@@ -121,10 +155,9 @@ void po_sample_from_handler(po_thread *t)
 
 /* GVL, on the calling thread (the signal-free mode's postponed job): the same sample,
  * taken where waiting for the lock is allowed. */
-void po_sample_on_gvl(void)
+void po_sample_on_gvl(po_thread *t)
 {
-    po_thread *t = po_thread_current(0);
-    if (!t || !t->tracked || t->switching || rb_during_gc()) return;
+    if (!t->tracked || t->switching || rb_during_gc()) return;
     po_lock();
     if (po_running && po_active) sample_locked(t, gvl_frames, gvl_lines, 0, 0);
     po_unlock();
@@ -184,10 +217,9 @@ static void charge_tail_locked(po_thread *t, enum tail_site site)
     po_stat_label_flushes++;
 }
 
-void po_thread_exit_locked(po_thread *t)
+void po_account_exit_locked(po_thread *t)
 {
     charge_tail_locked(t, TAIL_EXIT);
-    po_thread_release(t);
 }
 
 /* Under po_lock: `labels` (a reference the slot takes) replaces the thread's labels; the
@@ -223,7 +255,7 @@ void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_label
     po_fiber_labels *was = t->fiber;
     if (labels != t->labels) charge_tail_locked(t, TAIL_FIBER_SWITCH);
     if (was) was->last = t->last; /* it keeps its last sample for when it runs again */
-    po_fiber_labels_detach(t);
+    po_thread_detach_fiber(t);
     if (labels != t->labels) po_put_labels_locked(t, labels);
     else po_labelset_unref(labels);
     if (f) {
@@ -238,145 +270,23 @@ void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_label
     po_unlock();
 }
 
-/* Under po_lock. */
-static void register_locked(po_thread *t, int holds_gvl)
+void po_account_register_locked(po_thread *t, int holds_gvl)
 {
     if (!po_running || t->tracked || t->excluded) return;
     t->last_cpu_ns = po_thread_cpu_ns(t->tid);
     t->holds_gvl = holds_gvl;
     t->tracked = 1;
     if (po_cfg.no_signals) return; /* accounted at label changes and by the ticker's jobs */
-    int err = po_timer_arm(t, (int)(t - po_threads), po_cfg.interval_ns);
+    int err = po_timer_arm(t, t->index, po_cfg.interval_ns);
     if (err) {
         po_stat_timer_errors++;
         po_stat_last_timer_errno = err;
     }
 }
 
-void po_sampler_register_current(void)
+void po_account_exclude_locked(po_thread *t)
 {
-    po_thread *t = po_thread_current(1);
-    if (!t) return;
-    po_lock();
-    register_locked(t, 1);
-    po_unlock();
-}
-
-static void register_thread(VALUE thread)
-{
-    po_thread *t = po_thread_of_thread(thread, 1);
-    if (!t) return;
-    po_lock();
-    if (t->owner == thread) register_locked(t, 0); /* else released meanwhile by its exit hook (NOGVL) */
-    po_unlock();
-}
-
-static void free_buffers(void)
-{
-    po_lock();
-    po_agg_clear(&bufs[0]);
-    po_agg_clear(&bufs[1]);
-    po_unlock();
-    po_agg_free(&bufs[0]);
-    po_agg_free(&bufs[1]);
-    free(handler_frames); free(handler_lines); free(gvl_frames); free(gvl_lines);
-    handler_frames = gvl_frames = NULL;
-    handler_lines = gvl_lines = NULL;
-    bufs_cap = 0;
-    buffers_depth = 0;
-}
-
-/* GVL, not running: no handler and no label change can reach the buffers. Keeps the
- * samples of a previous run when the sizes did not change, so stop/start loses nothing. */
-static void ensure_buffers(uint32_t max_samples, int max_depth)
-{
-    if (bufs_cap == max_samples && buffers_depth == max_depth) return;
-    free_buffers();
-    size_t n = (size_t)max_depth + 1 + PO_MAX_SKIP;
-    handler_frames = malloc(n * sizeof(VALUE));
-    gvl_frames = malloc(n * sizeof(VALUE));
-    handler_lines = malloc(n * sizeof(int));
-    gvl_lines = malloc(n * sizeof(int));
-    if (!handler_frames || !gvl_frames || !handler_lines || !gvl_lines ||
-        po_agg_init(&bufs[0], max_samples) || po_agg_init(&bufs[1], max_samples)) {
-        free_buffers();
-        rb_raise(rb_eNoMemError, "pyroscope: cannot allocate sample buffers for max_samples=%u", max_samples);
-    }
-    bufs_cap = max_samples;
-    buffers_depth = max_depth;
-    po_active = &bufs[0];
-    po_active->started_at_ns = po_realtime_ns();
-}
-
-static VALUE register_each_thread(RB_BLOCK_CALL_FUNC_ARGLIST(thread, arg))
-{
-    (void)arg;
-    if (thread == rb_thread_current()) {
-        po_sampler_register_current();
-    } else {
-        register_thread(thread);
-    }
-    return Qnil;
-}
-
-int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signals)
-{
-    if (po_running) return 0;
-    if (po_mn_threads_enabled()) {
-        rb_warn("pyroscope: not sampling: M:N threads (RUBY_MN_THREADS=1) share native threads between "
-                "Ruby threads, so per-thread CPU timers cannot attribute CPU time; unset RUBY_MN_THREADS");
-        return 0;
-    }
-    if (!no_signals) po_signal_install();
-    ensure_buffers(max_samples, max_depth);
-    po_lock();
-    po_attr_forget();
-    po_unlock();
-    po_cfg.interval_ns = interval_ns;
-    po_cfg.max_depth = max_depth;
-    po_cfg.max_samples = max_samples;
-    po_cfg.no_signals = no_signals;
-    __atomic_store_n(&po_running, 1, __ATOMIC_SEQ_CST);
-    if (no_signals && !po_ticker_start(interval_ns))
-        rb_warn("pyroscope: no_signals on Ruby < 3.3: no timer samples (postponed job triggers from another "
-                "thread need Ruby 3.3); CPU is recorded only where labels change, at the stack of the change");
-    po_thread_events_start();
-    po_gc_events_start();
-    VALUE list = rb_funcall(rb_cThread, rb_intern("list"), 0);
-    rb_block_call(list, rb_intern("each"), 0, NULL, register_each_thread, Qnil);
-    return 1;
-}
-
-int po_stop(void)
-{
-    if (!po_running) return 0;
-    __atomic_store_n(&po_running, 0, __ATOMIC_SEQ_CST);
-    po_ticker_stop();
-    po_thread_events_stop();
-    po_gc_events_stop();
-    po_lock();
-    for (int i = 0; i < PO_MAX_THREADS; i++) {
-        if (po_threads[i].has_timer) po_timer_disarm(&po_threads[i]);
-        po_threads[i].tracked = 0;
-    }
-    po_unlock();
-    return 1;
-}
-
-/* The child of fork: the parent's window is the parent's to send, and no timer survives. */
-void po_sampler_after_fork_child(void)
-{
-    po_lock_reset_after_fork();
-    po_running = 0;
-    po_agg_clear(&bufs[0]);
-    po_agg_clear(&bufs[1]);
-    po_threads_after_fork_child();
-    if (po_active) po_active->started_at_ns = po_realtime_ns();
-}
-
-uint64_t po_realtime_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    t->excluded = 1;
+    t->tracked = 0;
+    po_timer_disarm(t);
 }

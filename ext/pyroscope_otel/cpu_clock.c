@@ -1,0 +1,69 @@
+/*
+ * cpu_clock.c — thread ids and CPU clocks, the base every layer reads.
+ *
+ * Linux encodes a thread's CPU clock id from its tid (what glibc's pthread_getcpuclockid
+ * computes), which lets us read and time threads we know only by Thread#native_thread_id.
+ * A thread-CPU clock read is a system call (1.5–3 µs on the dev VMs): callers read it once
+ * per event. po_gettid is async-signal-safe (HANDLER); po_current_tid caches it per
+ * native thread for the GVL paths (label changes). And whether native threads are the
+ * Ruby threads' own (not under M:N threads), which all of this assumes.
+ */
+#include "pyroscope_otel.h"
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static __thread pid_t tls_tid;
+
+pid_t po_gettid(void)
+{
+    return (pid_t)syscall(SYS_gettid);
+}
+
+/* Linux encodes a thread's CPU clock id from its tid (what glibc's pthread_getcpuclockid
+ * computes); it lets us read and time threads we know only by Thread#native_thread_id. */
+static clockid_t thread_clock(pid_t tid)
+{
+    return (clockid_t)((~(unsigned)tid << 3) | 6); /* CPUCLOCK_PERTHREAD_MASK | CPUCLOCK_SCHED */
+}
+
+clockid_t po_thread_clock(pid_t tid)
+{
+    return thread_clock(tid);
+}
+
+uint64_t po_thread_cpu_ns(pid_t tid)
+{
+    struct timespec ts;
+    if (clock_gettime(thread_clock(tid), &ts) != 0) return 0;
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+pid_t po_current_tid(void)
+{
+    if (!tls_tid) tls_tid = po_gettid();
+    return tls_tid;
+}
+
+void po_current_tid_after_fork_child(void)
+{
+    tls_tid = po_gettid();
+}
+
+uint64_t po_realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+int po_mn_threads_enabled(void)
+{
+#ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE /* Ruby >= 3.3, which has M:N threads */
+    const char *v = getenv("RUBY_MN_THREADS");
+    return v && strcmp(v, "1") == 0;
+#else
+    return 0;
+#endif
+}
