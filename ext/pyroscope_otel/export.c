@@ -285,15 +285,15 @@ static VALUE build_from_agg(VALUE arg)
         rb_hash_foreach(b->tags, add_label, (VALUE)&acc);
         ab->n_tags = acc.n;
     }
+    VALUE frames[PO_SERVER_MAX_DEPTH];
+    int lines[PO_SERVER_MAX_DEPTH];
+    uint32_t locs[PO_SERVER_MAX_DEPTH];
     for (uint32_t i = 0; i < a->stacks_used && !b->m->oom; i++) {
-        const po_stack *s = &a->stacks[i];
-        uint32_t keep = s->depth > PO_SERVER_MAX_DEPTH ? PO_SERVER_MAX_DEPTH - 1 : s->depth;
-        uint32_t *locs = ALLOCA_N(uint32_t, keep + 1);
-        for (uint32_t j = 0; j < keep; j++) {
-            int line = a->lines[s->off + j];
-            locs[j] = po_model_location(b->m, frame_function(b, a->frames[s->off + j], line), line < 0 ? 0 : line);
-        }
-        if (keep < s->depth) locs[keep++] = b->truncated_loc;
+        uint32_t depth = po_agg_stack(a, i, frames, lines, PO_SERVER_MAX_DEPTH);
+        uint32_t keep = depth > PO_SERVER_MAX_DEPTH ? PO_SERVER_MAX_DEPTH - 1 : depth;
+        for (uint32_t j = 0; j < keep; j++)
+            locs[j] = po_model_location(b->m, frame_function(b, frames[j], lines[j]), lines[j] < 0 ? 0 : lines[j]);
+        if (keep < depth) locs[keep++] = b->truncated_loc;
         ab->stack_span[i] = push_span(b, locs, keep);
     }
     for (uint32_t i = 0; i < a->samples_used && !b->m->oom; i++) {
