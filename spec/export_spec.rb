@@ -126,6 +126,28 @@ RSpec.describe Pyroscope::Exporter do
     expect(got.first).to eq(["M#f0", "/x.rb", 1])
   end
 
+  context "with windows of a second" do
+    # the receiver decodes a part of 3 000 such stacks in seconds before it answers
+    let(:options) { { upload_interval: 1, timeout: 30 } }
+
+    # Regression: the exporter's thread (a Ruby thread: 1 MiB of machine stack) built a deep
+    # window's stacks with alloca in a loop, 1 KB per 200-frame stack, never released before
+    # the last: SystemStackError from 2 500 such stacks on, and the exporter stopped for good.
+    it "delivers a window of 5 000 distinct 200-frame stacks from the exporter's thread" do
+      native.start(sample_rate: 1) # each stack recorded by the label change at its leaf
+      DeepStacks.each(0...5000) { |i| native.set_labels({ "i" => i.to_s }) }
+      native.clear_labels
+      exporter.start
+      receiver.wait_for(1, timeout: 30) # the window its thread takes at the next second
+      native.stop
+      exporter.stop(timeout: 10)
+      expect(receiver.violations).to be_empty
+      expect(log.string).not_to include("exporter stopped")
+      deep = receiver.samples.map { |s| s[:frames] }.select { |frames| frames.size >= 200 }.uniq
+      expect(deep.size).to be >= 5000
+    end
+  end
+
   it "retries a 500 and a cut response, and delivers once the server answers" do
     receiver.mode = [:status, 500]
     enqueue(window([[frames("A#b"), {}, 1_000, 1]]))
