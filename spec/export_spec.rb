@@ -55,6 +55,51 @@ RSpec.describe Pyroscope::Exporter do
     expect(native.upload_stats[:windows_sent]).to eq(sent_before + 1)
   end
 
+  # Samples a full buffer dropped were counted, but their CPU was in no profile: totals fell
+  # short by as much (here most of the window).
+  context "with global tags" do
+    let(:options) { { tags: { "env" => "spec" } } }
+
+    it "delivers what a full buffer dropped on a (dropped) frame, so that the profile's total is the CPU spent" do
+      native.start(max_samples: 16, sample_rate: 1000)
+      before = thread_cpu
+      40.times do |i|
+        native.set_labels({ "i" => i.to_s })
+        work.heavy(0.003)
+      end
+      native.clear_labels
+      spent = thread_cpu - before
+      native.stop
+      dropped_ns = native.stats[:window_dropped_cpu_ns]
+      exporter.stop(timeout: 5)
+      receiver.wait_for(1)
+      expect(receiver.violations).to be_empty
+      dropped = receiver.samples.select { |s| s[:frames].map(&:first) == ["(dropped)"] }
+      expect(dropped_ns).to be > 0
+      # no labels of its own (the dropped samples' are not known), the process's tags
+      expect(dropped.map { |s| [s[:cpu_ns], s[:labels]] }).to eq([[dropped_ns, { "env" => "spec" }]])
+      expect(receiver.samples.sum { |s| s[:cpu_ns] } / 1e9).to be_within(0.1 * spent).of(spent)
+    end
+  end
+
+  it "encodes a taken window's (dropped) sample, so that the profile's total is the window's" do
+    native.start(max_samples: 16, sample_rate: 1000)
+    40.times do |i|
+      native.set_labels({ "i" => i.to_s })
+      work.heavy(0.003)
+    end
+    native.clear_labels
+    native.stop
+    window = native.take_window
+    samples = native._encode(window, [100, Dir.pwd, [], nil]).flat_map do |gz|
+      PprofDecoder.samples(PprofDecoder.decode(PprofDecoder.gunzip(gz)))
+    end
+    dropped = samples.select { |s| s[:frames].map(&:first) == ["(dropped)"] }
+    expect(window[:dropped_cpu_ns]).to be > 0
+    expect(dropped.map { |s| [s[:cpu_ns], s[:labels]] }).to eq([[window[:dropped_cpu_ns], {}]])
+    expect(samples.sum { |s| s[:cpu_ns] }).to eq(window[:samples].sum { |s| s[2] })
+  end
+
   context "with credentials and a tenant" do
     let(:options) { { auth_token: "s3cret-token", tenant_id: "team-a", http_headers: { "X-Extra" => "1" } } }
 

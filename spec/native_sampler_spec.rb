@@ -303,9 +303,12 @@ RSpec.describe "Pyroscope::Native sampler" do
     native.clear_labels
     native.stop
     window = native.take_window
-    expect(window[:samples].size).to be <= 16
+    dropped, kept = window[:samples].partition { |frames, *| frame_names(frames) == ["(dropped)"] }
+    expect(kept.size).to be <= 16
     expect(window[:dropped_samples]).to be > 0
     expect(window[:dropped_cpu_ns]).to be > 0
+    # what was dropped stays in the window's total, on a frame of its own, without labels
+    expect(dropped).to eq([[[["(dropped)", "", 0]], {}, window[:dropped_cpu_ns], window[:dropped_samples]]])
   end
 
   # Regression: a Rails-like window overflowed the frame storage at default settings (flat,

@@ -17,6 +17,9 @@
  * bytes become "_", empty names dropped, the first of duplicate names kept, sample labels
  * before global tags) and cut at 1 024 bytes, values cut at 2 048 (at a UTF-8 boundary);
  * stacks deeper than 1 000 frames cut to 999 and a "(truncated)" frame.
+ * What a full buffer dropped is one more sample: a "(dropped)" frame with the dropped CPU
+ * and only the global tags (the dropped samples' own labels are not known), so that a
+ * profile's total is the window's. A Ruby window has that sample already (window.c).
  * Raises only before the model exists (bad options); a model that ran out of memory is
  * freed and NULL returned.
  */
@@ -291,7 +294,7 @@ static VALUE build_from_agg(VALUE arg)
         uint32_t depth = po_agg_stack(a, i, frames, lines, 0);
         total += depth > PO_SERVER_MAX_DEPTH ? PO_SERVER_MAX_DEPTH : depth;
     }
-    if (po_model_reserve_stacks(b->m, a->stacks_used, total)) return Qnil;
+    if (po_model_reserve_stacks(b->m, a->stacks_used + 1, total + 1)) return Qnil; /* and "(dropped)" */
     for (uint32_t i = 0; i < a->stacks_used && !b->m->oom; i++) {
         uint32_t depth = po_agg_stack(a, i, frames, lines, PO_SERVER_MAX_DEPTH);
         uint32_t keep = depth > PO_SERVER_MAX_DEPTH ? PO_SERVER_MAX_DEPTH - 1 : depth;
@@ -306,6 +309,13 @@ static VALUE build_from_agg(VALUE arg)
         uint32_t lt = labelset_span(ab, s->labels);
         if (lt == UINT32_MAX) break;
         po_model_sample(b->m, ab->stack_of[s->stack], b->ids + b->spans[lt][0], b->spans[lt][1] / 2, (int64_t)s->cpu_ns);
+    }
+    if (a->dropped_cpu_ns && !b->m->oom) { /* the samples' labels are gone; the global tags are everyone's */
+        uint32_t dropped = po_model_location(b->m, frame_function(b, PO_FRAME_SYNTHETIC, PO_LINE_DROPPED), 0);
+        uint32_t lt = labelset_span(ab, NULL);
+        if (lt != UINT32_MAX)
+            po_model_sample(b->m, po_model_stack(b->m, &dropped, 1), b->ids + b->spans[lt][0], b->spans[lt][1] / 2,
+                            (int64_t)a->dropped_cpu_ns);
     }
     return Qnil;
 }

@@ -161,6 +161,7 @@ int po_signal_installed(void);
 #define PO_LINE_TRUNCATED (-2)
 #define PO_LINE_FIBER_SWITCH (-3)
 #define PO_LINE_THREAD_EXIT (-4)
+#define PO_LINE_DROPPED (-5) /* in windows and exports only: what a full buffer dropped */
 #define PO_MAX_STACK (PO_MAX_DEPTH_LIMIT + 1 + PO_MAX_SKIP) /* the most frames a capture buffer holds */
 /* HANDLER or GVL, the calling thread only, which must hold the GVL. With PO_STACK_TRIM_OWN
  * (GVL, under po_lock), drops leaf-most frames of C functions and own paths (at most

@@ -13,7 +13,9 @@
  * Result: { samples: [[frames, labels, cpu_ns, count], ...], dropped_samples:,
  *           dropped_cpu_ns:, started_at_ns:, ended_at_ns: }
  * frames is leaf first, each [name, file, line] (line 0 where there is none); a stack is
- * one frozen Array shared by all the samples that have it.
+ * one frozen Array shared by all the samples that have it. What the buffer dropped when
+ * full is one more sample, frames [["(dropped)", "", 0]] and no labels, so that the
+ * samples' CPU is the window's whole CPU; dropped_samples and dropped_cpu_ns say the same.
  */
 #include "pyroscope_otel.h"
 #include <ruby/st.h>
@@ -35,6 +37,7 @@ VALUE po_frame_name(VALUE frame, int line)
         return rb_str_new_cstr(line == PO_LINE_GC             ? "(garbage collection)"
                                : line == PO_LINE_FIBER_SWITCH ? "(fiber switch)"
                                : line == PO_LINE_THREAD_EXIT  ? "(thread exit)"
+                               : line == PO_LINE_DROPPED      ? "(dropped)"
                                                               : "(truncated)");
     VALUE name = rb_profile_frame_full_label(frame);
     return NIL_P(name) ? rb_str_new_cstr("(unknown)") : name;
@@ -91,6 +94,12 @@ static VALUE convert(VALUE arg)
         if (s->cpu_ns == 0) continue; /* all its CPU moved to its kind's stack (attribution.c) */
         rb_ary_push(samples, rb_ary_new_from_args(4, RARRAY_AREF(tk->stack_objs, s->stack), labels_obj(tk, s->labels),
                                                   ULL2NUM(s->cpu_ns), ULL2NUM(s->count)));
+    }
+    if (a->dropped_samples) {
+        VALUE dropped = rb_ary_new_from_args(1, frame_obj(tk, PO_FRAME_SYNTHETIC, PO_LINE_DROPPED));
+        OBJ_FREEZE(dropped);
+        rb_ary_push(samples, rb_ary_new_from_args(4, dropped, labels_obj(tk, NULL), ULL2NUM(a->dropped_cpu_ns),
+                                                  ULL2NUM(a->dropped_samples)));
     }
     VALUE r = tk->result;
     rb_hash_aset(r, ID2SYM(rb_intern("samples")), samples);
