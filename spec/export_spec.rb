@@ -55,6 +55,51 @@ RSpec.describe Pyroscope::Exporter do
     expect(native.upload_stats[:windows_sent]).to eq(sent_before + 1)
   end
 
+  # Samples a full buffer dropped were counted, but their CPU was in no profile: totals fell
+  # short by as much (here most of the window).
+  context "with global tags" do
+    let(:options) { { tags: { "env" => "spec" } } }
+
+    it "delivers what a full buffer dropped on a (dropped) frame, so that the profile's total is the CPU spent" do
+      native.start(max_samples: 16, sample_rate: 1000)
+      before = thread_cpu
+      40.times do |i|
+        native.set_labels({ "i" => i.to_s })
+        work.heavy(0.003)
+      end
+      native.clear_labels
+      spent = thread_cpu - before
+      native.stop
+      dropped_ns = native.stats[:window_dropped_cpu_ns]
+      exporter.stop(timeout: 5)
+      receiver.wait_for(1)
+      expect(receiver.violations).to be_empty
+      dropped = receiver.samples.select { |s| s[:frames].map(&:first) == ["(dropped)"] }
+      expect(dropped_ns).to be > 0
+      # no labels of its own (the dropped samples' are not known), the process's tags
+      expect(dropped.map { |s| [s[:cpu_ns], s[:labels]] }).to eq([[dropped_ns, { "env" => "spec" }]])
+      expect(receiver.samples.sum { |s| s[:cpu_ns] } / 1e9).to be_within(0.1 * spent).of(spent)
+    end
+  end
+
+  it "encodes a taken window's (dropped) sample, so that the profile's total is the window's" do
+    native.start(max_samples: 16, sample_rate: 1000)
+    40.times do |i|
+      native.set_labels({ "i" => i.to_s })
+      work.heavy(0.003)
+    end
+    native.clear_labels
+    native.stop
+    window = native.take_window
+    samples = native._encode(window, [100, Dir.pwd, [], nil]).flat_map do |gz|
+      PprofDecoder.samples(PprofDecoder.decode(PprofDecoder.gunzip(gz)))
+    end
+    dropped = samples.select { |s| s[:frames].map(&:first) == ["(dropped)"] }
+    expect(window[:dropped_cpu_ns]).to be > 0
+    expect(dropped.map { |s| [s[:cpu_ns], s[:labels]] }).to eq([[window[:dropped_cpu_ns], {}]])
+    expect(samples.sum { |s| s[:cpu_ns] }).to eq(window[:samples].sum { |s| s[2] })
+  end
+
   context "with credentials and a tenant" do
     let(:options) { { auth_token: "s3cret-token", tenant_id: "team-a", http_headers: { "X-Extra" => "1" } } }
 
@@ -124,6 +169,28 @@ RSpec.describe Pyroscope::Exporter do
     expect(got.size).to eq(1000)
     expect(got.last.first).to eq("(truncated)")
     expect(got.first).to eq(["M#f0", "/x.rb", 1])
+  end
+
+  context "with windows of a second" do
+    # the receiver decodes a part of 3 000 such stacks in seconds before it answers
+    let(:options) { { upload_interval: 1, timeout: 30 } }
+
+    # Regression: the exporter's thread (a Ruby thread: 1 MiB of machine stack) built a deep
+    # window's stacks with alloca in a loop, 1 KB per 200-frame stack, never released before
+    # the last: SystemStackError from 2 500 such stacks on, and the exporter stopped for good.
+    it "delivers a window of 5 000 distinct 200-frame stacks from the exporter's thread" do
+      native.start(sample_rate: 1) # each stack recorded by the label change at its leaf
+      DeepStacks.each(0...5000) { |i| native.set_labels({ "i" => i.to_s }) }
+      native.clear_labels
+      exporter.start
+      receiver.wait_for(1, timeout: 30) # the window its thread takes at the next second
+      native.stop
+      exporter.stop(timeout: 10)
+      expect(receiver.violations).to be_empty
+      expect(log.string).not_to include("exporter stopped")
+      deep = receiver.samples.map { |s| s[:frames] }.select { |frames| frames.size >= 200 }.uniq
+      expect(deep.size).to be >= 5000
+    end
   end
 
   it "retries a 500 and a cut response, and delivers once the server answers" do

@@ -303,9 +303,29 @@ RSpec.describe "Pyroscope::Native sampler" do
     native.clear_labels
     native.stop
     window = native.take_window
-    expect(window[:samples].size).to be <= 16
+    dropped, kept = window[:samples].partition { |frames, *| frame_names(frames) == ["(dropped)"] }
+    expect(kept.size).to be <= 16
     expect(window[:dropped_samples]).to be > 0
     expect(window[:dropped_cpu_ns]).to be > 0
+    # what was dropped stays in the window's total, on a frame of its own, without labels
+    expect(dropped).to eq([[[["(dropped)", "", 0]], {}, window[:dropped_cpu_ns], window[:dropped_samples]]])
+  end
+
+  # Regression: a Rails-like window overflowed the frame storage at default settings (flat,
+  # max_samples x 8 frames: 524 288 of the 1 000 000 here) and dropped samples.
+  it "keeps a window of 5 000 distinct 200-frame stacks sharing their root side, at default settings" do
+    # max_samples and max_depth at their defaults. Each stack is recorded by the label change
+    # at its leaf (the CPU since the last one goes there); at 1 Hz no timer sample comes
+    # between a stack and its label change.
+    native.start(sample_rate: 1)
+    DeepStacks.each(0...5000) { |i| native.set_labels({ "i" => i.to_s }) }
+    native.clear_labels
+    native.stop
+    expect(native.stats[:window_dropped_samples]).to eq(0)
+    window = native.take_window
+    expect(window[:dropped_samples]).to eq(0)
+    stacks = window[:samples].map(&:first).select { |frames| frames.size >= 200 }.uniq
+    expect(stacks.size).to be >= 5000
   end
 
   # Regression: threads kept (buffer, generation, index) references to their last sample; a

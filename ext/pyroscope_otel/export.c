@@ -17,6 +17,9 @@
  * bytes become "_", empty names dropped, the first of duplicate names kept, sample labels
  * before global tags) and cut at 1 024 bytes, values cut at 2 048 (at a UTF-8 boundary);
  * stacks deeper than 1 000 frames cut to 999 and a "(truncated)" frame.
+ * What a full buffer dropped is one more sample: a "(dropped)" frame with the dropped CPU
+ * and only the global tags (the dropped samples' own labels are not known), so that a
+ * profile's total is the window's. A Ruby window has that sample already (window.c).
  * Raises only before the model exists (bad options); a model that ran out of memory is
  * freed and NULL returned.
  */
@@ -31,9 +34,9 @@ struct build {
     st_table *frames; /* frame VALUE -> function id (from_agg) */
     st_table *strs;   /* String VALUE -> string id */
     st_table *files;  /* file String VALUE -> string id (shortened) */
-    st_table *stacks; /* stack Array VALUE -> index into spans */
+    st_table *stacks; /* stack Array VALUE -> the model's stack */
     st_table *labels; /* labels Hash VALUE -> index into spans */
-    uint32_t (*spans)[2]; /* (offset, count) into ids */
+    uint32_t (*spans)[2]; /* (offset, count) into ids: label pairs */
     uint32_t n_spans, cap_spans;
     uint32_t *ids;
     uint32_t n_ids, cap_ids;
@@ -43,7 +46,7 @@ struct build {
 
 static int reserve(void **p, uint32_t *cap, uint32_t need, size_t elem)
 {
-    if (need <= *cap) return 0;
+    if (need <= *cap && *p) return 0; /* allocated even for nothing: spans of no labels point into it */
     uint32_t c = *cap ? *cap : 256;
     while (c < need) c *= 2;
     void *q = realloc(*p, (size_t)c * elem);
@@ -103,13 +106,13 @@ static uint32_t push_span(struct build *b, const uint32_t *ids, uint32_t n)
     return b->n_spans++;
 }
 
-static uint32_t stack_span(struct build *b, VALUE frames)
+static uint32_t model_stack(struct build *b, VALUE frames)
 {
     st_data_t idx;
     if (st_lookup(b->stacks, (st_data_t)frames, &idx)) return (uint32_t)idx;
     Check_Type(frames, T_ARRAY);
     long n = RARRAY_LEN(frames), keep = n > PO_SERVER_MAX_DEPTH ? PO_SERVER_MAX_DEPTH - 1 : n;
-    uint32_t *locs = ALLOCA_N(uint32_t, keep + 1);
+    uint32_t locs[PO_SERVER_MAX_DEPTH];
     for (long i = 0; i < keep; i++) {
         VALUE f = RARRAY_AREF(frames, i);
         Check_Type(f, T_ARRAY);
@@ -117,9 +120,9 @@ static uint32_t stack_span(struct build *b, VALUE frames)
         locs[i] = po_model_location(b->m, fn, NUM2INT(RARRAY_AREF(f, 2)));
     }
     if (keep < n) locs[keep++] = b->truncated_loc;
-    uint32_t span = push_span(b, locs, (uint32_t)keep);
-    st_insert(b->stacks, (st_data_t)frames, span);
-    return span;
+    uint32_t stack = po_model_stack(b->m, locs, (uint32_t)keep);
+    st_insert(b->stacks, (st_data_t)frames, stack);
+    return stack;
 }
 
 /* Server label names: [A-Za-z0-9_.]; other bytes become "_". */
@@ -179,10 +182,9 @@ static VALUE build_samples(VALUE arg)
         Check_Type(s, T_ARRAY);
         int64_t cpu = NUM2LL(RARRAY_AREF(s, 2));
         if (cpu <= 0) continue;
-        uint32_t st = stack_span(b, RARRAY_AREF(s, 0)), lt = label_span(b, RARRAY_AREF(s, 1));
+        uint32_t st = model_stack(b, RARRAY_AREF(s, 0)), lt = label_span(b, RARRAY_AREF(s, 1));
         if (st == UINT32_MAX || lt == UINT32_MAX) break;
-        po_model_sample(b->m, b->ids + b->spans[st][0], b->spans[st][1], b->ids + b->spans[lt][0],
-                        b->spans[lt][1] / 2, cpu);
+        po_model_sample(b->m, st, b->ids + b->spans[lt][0], b->spans[lt][1] / 2, cpu);
     }
     return Qnil;
 }
@@ -219,7 +221,7 @@ static void check_opts(VALUE app_root, VALUE prefixes, VALUE tags)
 struct agg_build {
     struct build *b;
     const po_agg *a;
-    uint32_t *stack_span; /* per stack number: its span of location ids */
+    uint32_t *stack_of; /* per stack number: the model's stack */
     uint32_t tag_pairs[2 * PO_MAX_LABELS];
     uint32_t n_tags;
 };
@@ -285,24 +287,35 @@ static VALUE build_from_agg(VALUE arg)
         rb_hash_foreach(b->tags, add_label, (VALUE)&acc);
         ab->n_tags = acc.n;
     }
+    VALUE frames[PO_SERVER_MAX_DEPTH];
+    int lines[PO_SERVER_MAX_DEPTH];
+    uint32_t locs[PO_SERVER_MAX_DEPTH], total = 0;
+    for (uint32_t i = 0; i < a->stacks_used; i++) {
+        uint32_t depth = po_agg_stack(a, i, frames, lines, 0);
+        total += depth > PO_SERVER_MAX_DEPTH ? PO_SERVER_MAX_DEPTH : depth;
+    }
+    if (po_model_reserve_stacks(b->m, a->stacks_used + 1, total + 1)) return Qnil; /* and "(dropped)" */
     for (uint32_t i = 0; i < a->stacks_used && !b->m->oom; i++) {
-        const po_stack *s = &a->stacks[i];
-        uint32_t keep = s->depth > PO_SERVER_MAX_DEPTH ? PO_SERVER_MAX_DEPTH - 1 : s->depth;
-        uint32_t *locs = ALLOCA_N(uint32_t, keep + 1);
-        for (uint32_t j = 0; j < keep; j++) {
-            int line = a->lines[s->off + j];
-            locs[j] = po_model_location(b->m, frame_function(b, a->frames[s->off + j], line), line < 0 ? 0 : line);
-        }
-        if (keep < s->depth) locs[keep++] = b->truncated_loc;
-        ab->stack_span[i] = push_span(b, locs, keep);
+        uint32_t depth = po_agg_stack(a, i, frames, lines, PO_SERVER_MAX_DEPTH);
+        uint32_t keep = depth > PO_SERVER_MAX_DEPTH ? PO_SERVER_MAX_DEPTH - 1 : depth;
+        for (uint32_t j = 0; j < keep; j++)
+            locs[j] = po_model_location(b->m, frame_function(b, frames[j], lines[j]), lines[j] < 0 ? 0 : lines[j]);
+        if (keep < depth) locs[keep++] = b->truncated_loc;
+        ab->stack_of[i] = po_model_stack(b->m, locs, keep);
     }
     for (uint32_t i = 0; i < a->samples_used && !b->m->oom; i++) {
         const po_sample *s = &a->samples[i];
         if (s->cpu_ns == 0) continue;
-        uint32_t st = ab->stack_span[s->stack], lt = labelset_span(ab, s->labels);
-        if (st == UINT32_MAX || lt == UINT32_MAX) break;
-        po_model_sample(b->m, b->ids + b->spans[st][0], b->spans[st][1], b->ids + b->spans[lt][0], b->spans[lt][1] / 2,
-                        (int64_t)s->cpu_ns);
+        uint32_t lt = labelset_span(ab, s->labels);
+        if (lt == UINT32_MAX) break;
+        po_model_sample(b->m, ab->stack_of[s->stack], b->ids + b->spans[lt][0], b->spans[lt][1] / 2, (int64_t)s->cpu_ns);
+    }
+    if (a->dropped_cpu_ns && !b->m->oom) { /* the samples' labels are gone; the global tags are everyone's */
+        uint32_t dropped = po_model_location(b->m, frame_function(b, PO_FRAME_SYNTHETIC, PO_LINE_DROPPED), 0);
+        uint32_t lt = labelset_span(ab, NULL);
+        if (lt != UINT32_MAX)
+            po_model_sample(b->m, po_model_stack(b->m, &dropped, 1), b->ids + b->spans[lt][0], b->spans[lt][1] / 2,
+                            (int64_t)a->dropped_cpu_ns);
     }
     return Qnil;
 }
@@ -311,8 +324,8 @@ po_model *po_model_from_agg(const po_agg *a, uint64_t started, uint64_t ended, i
                             VALUE prefixes, VALUE tags)
 {
     check_opts(app_root, prefixes, tags);
-    uint32_t *stack_span = malloc(sizeof(uint32_t) * (a->stacks_used ? a->stacks_used : 1));
-    if (!stack_span) rb_raise(rb_eNoMemError, "pyroscope: cannot allocate an export model");
+    uint32_t *stack_of = malloc(sizeof(uint32_t) * (a->stacks_used ? a->stacks_used : 1));
+    if (!stack_of) rb_raise(rb_eNoMemError, "pyroscope: cannot allocate an export model");
     po_model *m = new_model(started, ended, sample_rate);
     struct build b = { .m = m, .app_root = app_root, .prefixes = prefixes, .tags = tags };
     b.frames = st_init_numtable();
@@ -321,12 +334,12 @@ po_model *po_model_from_agg(const po_agg *a, uint64_t started, uint64_t ended, i
     b.stacks = st_init_numtable();
     b.labels = st_init_numtable();
     b.truncated_loc = po_model_location(m, po_model_function(m, po_model_string(m, "(truncated)", 11), 0), 0);
-    struct agg_build ab = { .b = &b, .a = a, .stack_span = stack_span };
+    struct agg_build ab = { .b = &b, .a = a, .stack_of = stack_of };
     int state = 0;
     rb_protect(build_from_agg, (VALUE)&ab, &state);
     struct build_args args = { &b, Qnil };
     build_cleanup((VALUE)&args);
-    free(stack_span);
+    free(stack_of);
     if (state) { po_model_free(m); free(m); rb_jump_tag(state); }
     if (m->oom) { po_model_free(m); free(m); return NULL; }
     return m;

@@ -11,16 +11,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void *grow(po_model *m, void *p, uint32_t *cap, uint32_t need, size_t elem)
+/* room for `need` items: doubling, or exactly that many when the caller knows its total */
+static void *grow_to(po_model *m, void *p, uint32_t *cap, uint32_t need, size_t elem, int exact)
 {
     if (need <= *cap && p) return p; /* a NULL array is allocated even for 0 items: NULL means failure */
-    uint32_t c = *cap ? *cap : 64;
+    uint32_t c = exact ? need : *cap ? *cap : 64;
     while (c < need) c *= 2;
     void *q = realloc(p, (size_t)c * elem);
     if (!q) { m->oom = 1; return NULL; }
     m->approx_bytes += (size_t)(c - *cap) * elem;
     *cap = c;
     return q;
+}
+
+static void *grow(po_model *m, void *p, uint32_t *cap, uint32_t need, size_t elem)
+{
+    return grow_to(m, p, cap, need, elem, 0);
 }
 
 #define GROW(m, arr, cap, need) \
@@ -83,7 +89,7 @@ void po_model_free(po_model *m)
     free(m->str); free(m->str_len); free(m->str_hash); free(m->str_index);
     free(m->fn); free(m->fn_map.keys); free(m->fn_map.vals);
     free(m->loc); free(m->loc_map.keys); free(m->loc_map.vals);
-    free(m->smp); free(m->locids); free(m->labs);
+    free(m->stk); free(m->locids); free(m->smp); free(m->labs);
     memset(m, 0, sizeof(*m));
 }
 
@@ -190,24 +196,43 @@ uint32_t po_model_location(po_model *m, uint32_t fn, int32_t line)
     return m->n_loc++;
 }
 
-void po_model_sample(po_model *m, const uint32_t *locs, uint32_t n_loc, const uint32_t *labs, uint32_t n_lab,
-                     int64_t cpu_ns)
+static int reserve_stacks(po_model *m, uint32_t stacks, uint32_t locids, int exact)
 {
     void *a;
-    if (!(a = grow(m, m->locids, &m->cap_locids, m->n_locids + n_loc, sizeof(*m->locids)))) return;
+    if (!(a = grow_to(m, m->stk, &m->cap_stk, m->n_stk + stacks, sizeof(*m->stk), exact))) return -1;
+    m->stk = a;
+    if (!(a = grow_to(m, m->locids, &m->cap_locids, m->n_locids + locids, sizeof(*m->locids), exact))) return -1;
     m->locids = a;
+    return 0;
+}
+
+int po_model_reserve_stacks(po_model *m, uint32_t stacks, uint32_t locids)
+{
+    return reserve_stacks(m, stacks, locids, 1);
+}
+
+uint32_t po_model_stack(po_model *m, const uint32_t *locs, uint32_t n_loc)
+{
+    if (reserve_stacks(m, 1, n_loc, 0)) return UINT32_MAX;
+    m->stk[m->n_stk].loc_off = m->n_locids;
+    m->stk[m->n_stk].n_loc = n_loc;
+    memcpy(&m->locids[m->n_locids], locs, n_loc * sizeof(*locs));
+    m->n_locids += n_loc;
+    return m->n_stk++;
+}
+
+void po_model_sample(po_model *m, uint32_t stack, const uint32_t *labs, uint32_t n_lab, int64_t cpu_ns)
+{
+    void *a;
     if (!(a = grow(m, m->labs, &m->cap_labs, m->n_labs + 2 * n_lab, sizeof(*m->labs)))) return;
     m->labs = a;
     if (!(a = grow(m, m->smp, &m->cap_smp, m->n_smp + 1, sizeof(*m->smp)))) return;
     m->smp = a;
     struct po_xsample *s = &m->smp[m->n_smp++];
-    s->loc_off = m->n_locids;
-    s->n_loc = n_loc;
+    s->stack = stack;
     s->lab_off = m->n_labs;
     s->n_lab = n_lab;
     s->cpu_ns = cpu_ns;
-    memcpy(&m->locids[m->n_locids], locs, n_loc * sizeof(*locs));
-    m->n_locids += n_loc;
     memcpy(&m->labs[m->n_labs], labs, 2 * n_lab * sizeof(*labs));
     m->n_labs += 2 * n_lab;
 }

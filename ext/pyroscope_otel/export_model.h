@@ -1,8 +1,9 @@
 /*
  * export_model.h — a window in the shape pprof needs, as plain C data: deduplicated
- * strings, functions (name, file), locations (function, line) and samples (location ids
- * leaf first, label string pairs, CPU ns). Built on the GVL from a taken window
- * (export_model.c); read without the GVL by the encoder (pprof.c) on the uploader thread.
+ * strings, functions (name, file), locations (function, line), stacks (location ids leaf
+ * first) and samples (a stack, label string pairs, CPU ns). Built on the GVL from a taken
+ * window (export_model.c); read without the GVL by the encoder (pprof.c) on the uploader
+ * thread.
  * Owned by one upload job at a time; freed with po_model_free.
  */
 #ifndef PYROSCOPE_OTEL_EXPORT_MODEL_H
@@ -32,11 +33,14 @@ typedef struct po_model {
     struct po_loc { uint32_t fn; int32_t line; } *loc;
     uint32_t n_loc, cap_loc;
     po_u64map loc_map;
-    /* samples */
-    struct po_xsample { uint32_t loc_off, n_loc, lab_off, n_lab; int64_t cpu_ns; } *smp;
-    uint32_t n_smp, cap_smp;
-    uint32_t *locids; /* location numbers, leaf first */
+    /* stacks, each stored once however many samples have it: location numbers, leaf first */
+    struct po_xstack { uint32_t loc_off, n_loc; } *stk;
+    uint32_t n_stk, cap_stk;
+    uint32_t *locids;
     uint32_t n_locids, cap_locids;
+    /* samples */
+    struct po_xsample { uint32_t stack, lab_off, n_lab; int64_t cpu_ns; } *smp;
+    uint32_t n_smp, cap_smp;
     uint32_t *labs; /* (key, value) string ids */
     uint32_t n_labs, cap_labs;
     int64_t time_nanos, duration_nanos, period;
@@ -49,9 +53,13 @@ void po_model_free(po_model *m);
 uint32_t po_model_string(po_model *m, const char *s, size_t len); /* copies, UTF-8 scrubbed */
 uint32_t po_model_function(po_model *m, uint32_t name, uint32_t file);
 uint32_t po_model_location(po_model *m, uint32_t fn, int32_t line);
-/* adds a sample; locs leaf first; labs (key, value) string id pairs */
-void po_model_sample(po_model *m, const uint32_t *locs, uint32_t n_loc, const uint32_t *labs, uint32_t n_lab,
-                     int64_t cpu_ns);
+/* room for that many more stacks and location numbers, allocated once: a window's stacks
+ * can take megabytes, which growing by doubling would hold twice over; 0 or -1 (oom) */
+int po_model_reserve_stacks(po_model *m, uint32_t stacks, uint32_t locids);
+/* adds a stack (locs leaf first); its number, UINT32_MAX when out of memory */
+uint32_t po_model_stack(po_model *m, const uint32_t *locs, uint32_t n_loc);
+/* adds a sample of a stack; labs (key, value) string id pairs */
+void po_model_sample(po_model *m, uint32_t stack, const uint32_t *labs, uint32_t n_lab, int64_t cpu_ns);
 
 #define PO_SERVER_MAX_DEPTH 1000
 #define PO_SERVER_MAX_SAMPLES 16000

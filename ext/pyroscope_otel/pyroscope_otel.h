@@ -184,6 +184,8 @@ int po_signal_installed(void);
 #define PO_LINE_TRUNCATED (-2)
 #define PO_LINE_FIBER_SWITCH (-3)
 #define PO_LINE_THREAD_EXIT (-4)
+#define PO_LINE_DROPPED (-5) /* in windows and exports only: what a full buffer dropped */
+#define PO_MAX_STACK (PO_MAX_DEPTH_LIMIT + 1 + PO_MAX_SKIP) /* the most frames a capture buffer holds */
 /* HANDLER or GVL, the calling thread only, which must hold the GVL. With PO_STACK_TRIM_OWN
  * (GVL, under po_lock), drops leaf-most frames of C functions and own paths (at most
  * PO_MAX_SKIP, never the last). Keeps at most max_depth + 1 (the extra one a truncation
@@ -197,13 +199,6 @@ VALUE po_frame_name(VALUE frame, int line); /* GVL: "Class#method", or a synthet
 int po_stack_is_own(const VALUE *frames, int n);
 
 /* ---- aggregate.c: (stack, labels) -> cpu ns, count, in bounded memory -------------- */
-typedef struct po_stack {
-    uint64_t hash;
-    uint32_t off;
-    uint32_t depth;
-    uint32_t slot; /* position in the hash index, to clear it without a rescan */
-} po_stack;
-
 typedef struct po_sample {
     uint64_t cpu_ns;
     uint64_t count;
@@ -212,13 +207,18 @@ typedef struct po_sample {
     uint32_t slot;
 } po_sample;
 
+/* One window's samples. Outside aggregate.c, read only the samples, the counters and the
+ * stack count; a stack's frames through po_agg_stack. */
 typedef struct po_agg {
-    VALUE *frames;
-    int32_t *lines;
-    uint32_t frames_used, frames_cap;
-    po_stack *stacks;
+    struct po_node *nodes; /* the frames: a prefix tree, a stack being its leaf node */
+    uint32_t *node_index;
+    uint32_t nodes_used, nodes_cap, node_index_mask, node_index_shift;
+    struct po_stack *stacks;
     uint32_t *stack_index; /* open addressing: stack number + 1, 0 = empty */
-    uint32_t stacks_used, stacks_cap, stack_index_mask;
+    uint32_t stacks_used, stacks_cap, stack_index_mask; /* stack numbers: 0 .. stacks_used - 1 */
+    struct po_path *paths; /* the last stacks interned */
+    VALUE *copy_frames;    /* po_agg_copy_stack's scratch */
+    int *copy_lines;
     po_sample *samples;
     uint32_t *sample_index;
     uint32_t samples_used, samples_cap, sample_index_mask;
@@ -231,13 +231,16 @@ typedef struct po_agg {
 int po_agg_init(po_agg *a, uint32_t max_samples); /* GVL; 0 or ENOMEM */
 void po_agg_free(po_agg *a);                      /* GVL, the agg must be empty */
 /* Under po_lock (HANDLER or GVL); never allocate. A stack's number, or UINT32_MAX when a
- * table is full: */
+ * table is full (or the stack is deeper than PO_MAX_STACK): */
 uint32_t po_agg_intern_stack(po_agg *a, const VALUE *frames, const int *lines, int depth);
 uint32_t po_agg_copy_stack(po_agg *to, const po_agg *from, uint32_t stack); /* from's stack into to */
 /* The sample's number, or UINT32_MAX when it was dropped (stack UINT32_MAX: dropped too). */
 uint32_t po_agg_record_stack(po_agg *a, uint32_t stack, po_labelset *labels, uint64_t cpu_ns, uint64_t count);
 uint32_t po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int depth,
                        po_labelset *labels, uint64_t cpu_ns, uint64_t count);
+/* A stack's depth; its leaf-most min(depth, cap) frames and lines written leaf first.
+ * Under po_lock, or on a taken buffer. */
+uint32_t po_agg_stack(const po_agg *a, uint32_t stack, VALUE *frames, int *lines, uint32_t cap);
 void po_agg_clear(po_agg *a);                  /* under po_lock */
 po_sample_ref po_agg_ref(const po_agg *a, uint32_t index); /* PO_NO_SAMPLE for UINT32_MAX */
 po_sample *po_agg_sample(po_agg *a, po_sample_ref ref);    /* under po_lock; NULL when void */

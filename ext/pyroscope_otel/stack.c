@@ -116,6 +116,7 @@ VALUE po_frame_name(VALUE frame, int line)
         return rb_str_new_cstr(line == PO_LINE_GC             ? "(garbage collection)"
                                : line == PO_LINE_FIBER_SWITCH ? "(fiber switch)"
                                : line == PO_LINE_THREAD_EXIT  ? "(thread exit)"
+                               : line == PO_LINE_DROPPED      ? "(dropped)"
                                                               : "(truncated)");
     VALUE name = rb_profile_frame_full_label(frame);
     return NIL_P(name) ? rb_str_new_cstr("(unknown)") : name;

@@ -13,13 +13,17 @@
  * Result: { samples: [[frames, labels, cpu_ns, count], ...], dropped_samples:,
  *           dropped_cpu_ns:, started_at_ns:, ended_at_ns: }
  * frames is leaf first, each [name, file, line] (line 0 where there is none); a stack is
- * one frozen Array shared by all the samples that have it.
+ * one frozen Array shared by all the samples that have it. What the buffer dropped when
+ * full is one more sample, frames [["(dropped)", "", 0]] and no labels, so that the
+ * samples' CPU is the window's whole CPU; dropped_samples and dropped_cpu_ns say the same.
  */
 #include "pyroscope_otel.h"
 #include <ruby/st.h>
 
 struct take {
     po_agg *agg;
+    VALUE *frames; /* a stack's frames and lines, PO_MAX_STACK each, in one allocation */
+    int *lines;
     st_table *frame_cache; /* frame VALUE -> index in frame_objs */
     st_table *label_cache; /* po_labelset* -> index in label_objs */
     VALUE frame_objs, label_objs, stack_objs, result;
@@ -64,10 +68,9 @@ static VALUE convert(VALUE arg)
     po_agg *a = tk->agg;
     tk->stack_objs = rb_ary_new_capa(a->stacks_used);
     for (uint32_t i = 0; i < a->stacks_used; i++) {
-        po_stack *s = &a->stacks[i];
-        VALUE frames = rb_ary_new_capa(s->depth);
-        for (uint32_t j = 0; j < s->depth; j++)
-            rb_ary_push(frames, frame_obj(tk, a->frames[s->off + j], a->lines[s->off + j]));
+        uint32_t depth = po_agg_stack(a, i, tk->frames, tk->lines, PO_MAX_STACK);
+        VALUE frames = rb_ary_new_capa(depth);
+        for (uint32_t j = 0; j < depth; j++) rb_ary_push(frames, frame_obj(tk, tk->frames[j], tk->lines[j]));
         OBJ_FREEZE(frames);
         rb_ary_push(tk->stack_objs, frames);
     }
@@ -77,6 +80,12 @@ static VALUE convert(VALUE arg)
         if (s->cpu_ns == 0) continue; /* all its CPU moved to its kind's stack (attribution.c) */
         rb_ary_push(samples, rb_ary_new_from_args(4, RARRAY_AREF(tk->stack_objs, s->stack), labels_obj(tk, s->labels),
                                                   ULL2NUM(s->cpu_ns), ULL2NUM(s->count)));
+    }
+    if (a->dropped_samples) {
+        VALUE dropped = rb_ary_new_from_args(1, frame_obj(tk, PO_FRAME_SYNTHETIC, PO_LINE_DROPPED));
+        OBJ_FREEZE(dropped);
+        rb_ary_push(samples, rb_ary_new_from_args(4, dropped, labels_obj(tk, NULL), ULL2NUM(a->dropped_cpu_ns),
+                                                  ULL2NUM(a->dropped_samples)));
     }
     VALUE r = tk->result;
     rb_hash_aset(r, ID2SYM(rb_intern("samples")), samples);
@@ -90,6 +99,7 @@ static VALUE finish(VALUE arg)
     struct take *tk = (struct take *)arg;
     st_free_table(tk->frame_cache);
     st_free_table(tk->label_cache);
+    xfree(tk->frames);
     po_window_end(tk->agg);
     return Qnil;
 }
@@ -97,17 +107,20 @@ static VALUE finish(VALUE arg)
 VALUE po_take_window(void)
 {
     VALUE result = rb_hash_new();
+    struct take tk = { 0 };
+    tk.frames = xmalloc(PO_MAX_STACK * (sizeof(VALUE) + sizeof(int))); /* may raise: before the take */
+    tk.lines = (int *)(tk.frames + PO_MAX_STACK);
     uint64_t started, ended;
     po_agg *a = po_window_begin(&started, &ended);
     rb_hash_aset(result, ID2SYM(rb_intern("started_at_ns")), ULL2NUM(started));
     rb_hash_aset(result, ID2SYM(rb_intern("ended_at_ns")), ULL2NUM(ended));
     if (!a) {
+        xfree(tk.frames);
         rb_hash_aset(result, ID2SYM(rb_intern("samples")), rb_ary_new());
         rb_hash_aset(result, ID2SYM(rb_intern("dropped_samples")), INT2FIX(0));
         rb_hash_aset(result, ID2SYM(rb_intern("dropped_cpu_ns")), INT2FIX(0));
         return result;
     }
-    struct take tk = { 0 };
     tk.result = result;
     tk.agg = a;
     tk.frame_objs = rb_ary_new();
