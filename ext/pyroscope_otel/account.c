@@ -167,7 +167,13 @@ void po_sample_deferred(po_thread *t, int synthetic_leaf)
 {
     if (t->switching || !t->tracked) return;
     po_lock();
-    if (po_running && po_active) sample_locked(t, gvl_frames, gvl_lines, synthetic_leaf, t->deferred_at_cpu_ns);
+    if (po_running && po_active) {
+        /* the handler that deferred it could not re-draw the next expiry (the timer may be
+         * deleted unless po_lock is held): without it the timer runs at its fixed period
+         * and phase-locks with periodic work (measured: a zlib loop 10 points under) */
+        if (t->has_timer) po_timer_rejitter(t);
+        sample_locked(t, gvl_frames, gvl_lines, synthetic_leaf, t->deferred_at_cpu_ns);
+    }
     po_unlock();
 }
 
