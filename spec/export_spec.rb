@@ -273,6 +273,29 @@ RSpec.describe Pyroscope::Exporter do
     expect(log.string.scan("succeed again").size).to eq(1)
   end
 
+  # Regression: the state-change log was global, so a server that failed right after another
+  # one had (a reconfigured exporter, the next spec) never had its failure logged.
+  it "logs the first failure of each server, also when the one before it was failing" do
+    receiver.mode = [:status, 503]
+    enqueue(window([[frames("A#b"), {}, 1_000, 1]]))
+    sleep 0.5
+    exporter.stop(timeout: 1)
+    expect(log.string.scan("HTTP 503").size).to eq(1)
+    other = ContractReceiver.new
+    other.mode = [:status, 500]
+    second_log = StringIO.new
+    second = described_class.new(application_name: "spec.other", server_address: other.url,
+                                 logger: Logger.new(second_log), connect_timeout: 1, timeout: 2)
+    native._enqueue(window([[frames("A#b"), {}, 1_000, 1]]), [100, Dir.pwd, [], nil],
+                    "#{other.url}/ingest?name=spec.other&from=#{Time.now.to_i}&until=#{Time.now.to_i + 10}" \
+                    "&format=pprof&sampleRate=100&spyName=rbspy", "#{other.url}/ingest")
+    sleep 0.5
+    second.stop(timeout: 1)
+    expect(second_log.string.scan("HTTP 500").size).to eq(1), second_log.string
+  ensure
+    other&.close
+  end
+
   it "sends the last window when the process exits" do
     out, err, status = run_ruby(<<~RUBY)
       require "pyroscope"

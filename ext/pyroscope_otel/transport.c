@@ -61,7 +61,23 @@ static po_transport_config cfg;
 static struct curl_slist *headers;
 static po_transport_stats stats;
 static char last_error[256];
-static int last_kind; /* PO_OK or the kind of the last failure, for state-change logging */
+/* For state-change logging, per server: PO_OK or the kind of its last failure. A few
+ * servers at once (a reconfigure leaves the old one's windows queued); one not listed
+ * starts healthy. */
+#define DESTS 8
+static struct { char log_url[256]; int last_kind; } dests[DESTS];
+static unsigned dest_next;
+
+/* under mu */
+static int *last_kind_of(const char *log_url)
+{
+    for (int i = 0; i < DESTS; i++)
+        if (strncmp(dests[i].log_url, log_url, sizeof(dests[i].log_url) - 1) == 0) return &dests[i].last_kind;
+    unsigned i = dest_next++ % DESTS;
+    snprintf(dests[i].log_url, sizeof(dests[i].log_url), "%s", log_url);
+    dests[i].last_kind = 0; /* PO_OK, defined below */
+    return &dests[i].last_kind;
+}
 
 #define EVENTS 32
 static struct { int level; char msg[320]; } events[EVENTS];
@@ -235,11 +251,12 @@ static void *uploader(void *arg)
         busy = 0;
         stats.requests += requests;
         stats.bytes_sent += sent_bytes;
-        if (kind != last_kind) {
+        int *last_kind = last_kind_of(j->log_url);
+        if (kind != *last_kind) {
             if (kind == PO_OK) event(1, "uploads to %s succeed again", j->log_url);
             else event(3, "upload to %s failed: %s%s", j->log_url, err,
                        kind == PO_REJECTED ? " (not retried)" : " (will retry)");
-            last_kind = kind;
+            *last_kind = kind;
         }
         if (kind != PO_OK) snprintf(last_error, sizeof(last_error), "%s: %s", j->log_url, err);
         if (kind == PO_OK) {
@@ -411,6 +428,6 @@ void po_transport_after_fork_child(void)
     tail = NULL;
     queued_windows = queued_bytes = 0;
     thread_running = busy = 0;
-    last_kind = PO_OK;
+    memset(dests, 0, sizeof(dests));
     ev_count = 0;
 }
