@@ -124,20 +124,17 @@ void po_sample_from_handler(po_thread *t)
         __atomic_add_fetch(&po_stat_skipped_busy, 1, __ATOMIC_RELAXED);
         return;
     }
-    if (rb_during_gc()) {
-        /* The VM's frames may be moving (compaction): the stack that triggered the GC is
-         * walked when it ends (gc_events.c), with the GC as its leaf. */
+    /* Where the stack cannot be walked now, the sample is taken when it can (its weight is
+     * the CPU up to now): a thread running C code that released the GVL (zlib, a database
+     * driver) has, when it takes the GVL back, the stack that released it, where the
+     * thread event hook samples it (Ruby >= 3.2); while a GC runs (on this thread: another
+     * thread's GC finds this one off the GVL) the VM's frames may be moving (compaction),
+     * and the GC's exit hook samples the stack that triggered it (gc_events.c). */
+    int why = !holds_gvl(t) ? PO_DEFER_OFF_GVL : rb_during_gc() ? PO_DEFER_GC : 0;
+    if (why) {
         t->deferred_at_cpu_ns = po_thread_cpu_ns(t->tid);
-        t->gc_pending = 1;
-        return;
-    }
-    if (!holds_gvl(t)) {
-        /* Running C code that released the GVL (zlib, a database driver): its stack is not
-         * ours to walk now, but it is the stack it will have when it takes the GVL back,
-         * where the thread event hook samples it (Ruby >= 3.2). */
-        t->deferred_at_cpu_ns = po_thread_cpu_ns(t->tid);
-        t->off_gvl_pending = 1;
-        __atomic_add_fetch(&po_stat_skipped_off_gvl, 1, __ATOMIC_RELAXED);
+        t->deferred = why;
+        if (why == PO_DEFER_OFF_GVL) __atomic_add_fetch(&po_stat_skipped_off_gvl, 1, __ATOMIC_RELAXED);
         return;
     }
     if (!po_trylock()) {
@@ -163,8 +160,10 @@ void po_sample_on_gvl(po_thread *t)
     po_unlock();
 }
 
-void po_sample_deferred(po_thread *t, int synthetic_leaf)
+void po_sample_deferred(po_thread *t, int why)
 {
+    if (t->deferred != why) return;
+    t->deferred = 0;
     if (t->switching || !t->tracked) return;
     po_lock();
     if (po_running && po_active) {
@@ -172,7 +171,7 @@ void po_sample_deferred(po_thread *t, int synthetic_leaf)
          * deleted unless po_lock is held): without it the timer runs at its fixed period
          * and phase-locks with periodic work (measured: a zlib loop 10 points under) */
         if (t->has_timer) po_timer_rejitter(t);
-        sample_locked(t, gvl_frames, gvl_lines, synthetic_leaf, t->deferred_at_cpu_ns);
+        sample_locked(t, gvl_frames, gvl_lines, why == PO_DEFER_GC ? PO_LINE_GC : 0, t->deferred_at_cpu_ns);
     }
     po_unlock();
 }

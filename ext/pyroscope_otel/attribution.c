@@ -105,10 +105,7 @@ uint32_t po_attr_draw(const po_agg *a, uint64_t kind)
 {
     kind_entry *e = entry_of(kind);
     if (e->kind != kind || e->epoch != a->epoch || e->used == 0) return UINT32_MAX;
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return e->stacks[rng % e->used];
+    return e->stacks[po_xorshift64(&rng) % e->used];
 }
 
 void po_attr_carry_over(const po_agg *from, po_agg *to)

@@ -4,7 +4,7 @@
  * A sample cannot walk the stack during a GC: compaction may be moving the frames' objects.
  * Charging GC CPU to a lone "(garbage collection)" frame instead hid which code allocated
  * enough to trigger it (measured in the demo: 5 % of all CPU, most of it a route's work).
- * So the handler only marks the thread (gc_pending), and this hook, which runs on the
+ * So the handler only marks the thread (deferred), and this hook, which runs on the
  * thread that ran the GC, with the GVL, once the VM is consistent again and before any
  * Ruby code runs, takes the sample at the stack that triggered the GC, with
  * "(garbage collection)" as its leaf. Its weight is the thread's CPU since its previous
@@ -23,9 +23,7 @@ static void on_gc_exit(VALUE tp, void *arg)
     (void)tp;
     (void)arg;
     po_thread *t = po_thread_cached();
-    if (!t || !t->gc_pending) return;
-    t->gc_pending = 0;
-    po_sample_deferred(t, PO_LINE_GC);
+    if (t && t->deferred == PO_DEFER_GC) po_sample_deferred(t, PO_DEFER_GC);
 }
 
 void po_gc_events_start(void)

@@ -35,6 +35,16 @@ int po_trylock(void); /* HANDLER-safe; 1 when acquired */
 void po_unlock(void);
 void po_lock_reset_after_fork(void);
 
+/* xorshift64: a few cycles, the state the caller's own (HANDLER-safe) */
+static inline uint64_t po_xorshift64(uint64_t *state)
+{
+    uint64_t x = *state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return *state = x;
+}
+
 /* ---- cpu_clock.c: thread ids and CPU clocks ------------------------------------------ */
 uint64_t po_thread_cpu_ns(pid_t tid); /* HANDLER-safe; a system call */
 clockid_t po_thread_clock(pid_t tid);
@@ -100,9 +110,9 @@ typedef struct po_thread {
     int tracked;            /* its CPU is being accounted (sampled, and charged at label changes) */
     int excluded;           /* the gem's own Ruby threads: never given a timer */
     volatile int switching; /* inside a label change: its own samples are deferred to it */
-    volatile int off_gvl_pending; /* its timer fired while it ran without the GVL */
-    volatile int gc_pending;      /* its timer fired during a GC */
-    volatile uint64_t deferred_at_cpu_ns; /* its CPU time when the last such sample fired */
+    volatile int deferred;  /* a sample its timer asked for where the stack could not be
+                             * walked: PO_DEFER_OFF_GVL or PO_DEFER_GC; 0: none */
+    volatile uint64_t deferred_at_cpu_ns; /* its CPU time when that timer fired */
     timer_t timer;
     uint64_t last_cpu_ns;   /* CPU time already accounted; under po_lock */
     po_labelset *labels;    /* the label slot: what its samples carry now; under po_lock */
@@ -283,10 +293,12 @@ void po_account_exclude_locked(po_thread *t); /* under po_lock: the gem's own th
 void po_sample_from_handler(po_thread *t);    /* HANDLER, on t's thread */
 void po_sample_on_gvl(po_thread *t);          /* GVL, on t's thread (the ticker's job) */
 /* GVL, on t's own thread: the sample its timer asked for where its stack could not be
- * walked, taken now that it can and before any Ruby code ran: just after it took the GVL
- * back (Ruby >= 3.2), at the stack that released it; after a GC, at the stack that
- * triggered it, under a synthetic_leaf (a PO_LINE_*; 0: none). */
-void po_sample_deferred(po_thread *t, int synthetic_leaf);
+ * walked (t->deferred == why), taken now that it can and before any Ruby code ran: just
+ * after it took the GVL back (Ruby >= 3.2), at the stack that released it; at the end of
+ * a GC, at the stack that triggered it, under a "(garbage collection)" leaf. */
+#define PO_DEFER_OFF_GVL 1
+#define PO_DEFER_GC 2
+void po_sample_deferred(po_thread *t, int why);
 /* Under po_lock, t's thread is exiting or has ended (any context): its CPU since its last
  * sample is charged (its stack cannot be walked: its last sample's, or its kind's); the
  * caller then releases the entry. */

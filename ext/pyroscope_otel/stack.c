@@ -60,12 +60,9 @@ void po_stack_set_own_paths(VALUE paths)
     free(old);
 }
 
-/* A C function (no path: what matters is the Ruby code that called it), or our code.
- * rb_profile_frame_path returns the iseq's existing path: it allocates nothing. */
-static int own_frame(VALUE frame)
+/* A file of ours (the gem's, the SDK's). */
+static int own_path(VALUE path)
 {
-    VALUE path = rb_profile_frame_path(frame);
-    if (NIL_P(path)) return 1;
     if (!RB_TYPE_P(path, T_STRING)) return 0;
     const char *p = RSTRING_PTR(path);
     long n = RSTRING_LEN(path);
@@ -74,12 +71,20 @@ static int own_frame(VALUE frame)
     return 0;
 }
 
+/* A C function (no path: what matters is the Ruby code that called it), or our code.
+ * rb_profile_frame_path returns the iseq's existing path: it allocates nothing. */
+static int own_frame(VALUE frame)
+{
+    VALUE path = rb_profile_frame_path(frame);
+    return NIL_P(path) || own_path(path);
+}
+
 int po_stack_is_own(const VALUE *frames, int n)
 {
     for (int i = 0; i < n; i++) {
         if (frames[i] == PO_FRAME_SYNTHETIC) return 0;
         VALUE path = rb_profile_frame_path(frames[i]);
-        if (!NIL_P(path)) return own_frame(frames[i]);
+        if (!NIL_P(path)) return own_path(path);
     }
     return 0;
 }

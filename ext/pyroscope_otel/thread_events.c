@@ -64,10 +64,7 @@ static void on_gvl_event(rb_event_flag_t event, const rb_internal_thread_event_d
         if (t && t->tracked) {
             t->holds_gvl = 1;
             /* the stack can be walked only from its own thread (3.3+ may run hooks elsewhere) */
-            if (t->off_gvl_pending && t->tid == po_current_tid()) {
-                t->off_gvl_pending = 0;
-                po_sample_deferred(t, 0);
-            }
+            if (t->deferred == PO_DEFER_OFF_GVL && t->tid == po_current_tid()) po_sample_deferred(t, PO_DEFER_OFF_GVL);
         } else if (po_running) {
             po_thread_register_current();
         }

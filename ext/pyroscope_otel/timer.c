@@ -57,12 +57,7 @@ int po_timer_arm(po_thread *t, int slot, long interval_ns)
 
 int po_timer_rejitter(po_thread *t)
 {
-    /* xorshift64: a few cycles, no state outside the thread's own entry */
-    uint64_t x = t->rng;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    t->rng = x;
+    uint64_t x = po_xorshift64(&t->rng); /* no state outside the thread's own entry */
     long next = t->interval_ns / 2 + (long)(x % (uint64_t)t->interval_ns);
     struct itimerspec its;
     /* the period is the fallback for samples skipped before they could re-arm */
