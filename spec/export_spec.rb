@@ -83,14 +83,7 @@ RSpec.describe Pyroscope::Exporter do
   end
 
   it "encodes a taken window's (dropped) sample, so that the profile's total is the window's" do
-    native.start(max_samples: 16, sample_rate: 1000)
-    40.times do |i|
-      native.set_labels({ "i" => i.to_s })
-      work.heavy(0.003)
-    end
-    native.clear_labels
-    native.stop
-    window = native.take_window
+    window = overflowed_window
     samples = native._encode(window, [100, Dir.pwd, [], nil]).flat_map do |gz|
       PprofDecoder.samples(PprofDecoder.decode(PprofDecoder.gunzip(gz)))
     end

@@ -215,19 +215,10 @@ RSpec.describe "Pyroscope::Native sampler" do
   # its last sample, so threads that end inside their labels lost their last moments.
   it "charges a thread's CPU since its last sample when it exits, labels still set" do
     native.start(sample_rate: 10) # timer samples are rare: most of the CPU is charged at exit
-    measured = Queue.new
-    Array.new(40) do |i|
-      Thread.new do
-        native.set_labels({ "exiting" => i.to_s })
-        before = thread_cpu
-        work.worker_two(0.003)
-        measured << (thread_cpu - before)
-      end
-    end.each(&:join)
+    total = burn_in_threads(40, :worker_two, 0.003) { |i| native.set_labels({ "exiting" => i.to_s }) }
     native.stop
     cpu = cpu_by(take_samples) { |_, labels| labels["exiting"] }
     cpu.delete(nil)
-    total = Array.new(measured.size) { measured.pop }.sum
     expect(cpu.size).to eq(40)
     expect(cpu.values.sum / 1e9).to be_within(0.1 * total).of(total)
   end
@@ -295,14 +286,7 @@ RSpec.describe "Pyroscope::Native sampler" do
   end
 
   it "counts what it drops past max_samples instead of growing" do
-    native.start(max_samples: 16, sample_rate: 1000)
-    40.times do |i|
-      native.set_labels({ "i" => i.to_s })
-      work.heavy(0.003)
-    end
-    native.clear_labels
-    native.stop
-    window = native.take_window
+    window = overflowed_window
     dropped, kept = window[:samples].partition { |frames, *| frame_names(frames) == ["(dropped)"] }
     expect(kept.size).to be <= 16
     expect(window[:dropped_samples]).to be > 0

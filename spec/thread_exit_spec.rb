@@ -94,16 +94,8 @@ RSpec.describe "Thread entries of ended threads" do
     native.start
     end_labelled_threads(20, -> { sleep }, kill: true)
     native.take_window
-    measured = Queue.new
     seen = Queue.new
-    Array.new(6) do
-      Thread.new do
-        seen << native.labels
-        before = thread_cpu
-        work.worker_one(0.1)
-        measured << (thread_cpu - before)
-      end
-    end.each(&:join)
+    total = burn_in_threads(6, :worker_one, 0.1) { seen << native.labels }
     native.stop
     samples = take_samples
     expect(Array.new(6) { seen.pop }).to all(eq({}))
@@ -111,7 +103,6 @@ RSpec.describe "Thread entries of ended threads" do
     # before (Ruby 3.1): all of the new threads' CPU (600 of 600 ms) under a killed thread's tags
     inherited = burnt.select { |_, labels, *| labels.key?("victim") || labels.key?("victim_wide") || labels.key?("request") }
     expect(inherited.sum { |s| s[2] }).to eq(0)
-    total = Array.new(6) { measured.pop }.sum
     expect(burnt.sum { |s| s[2] } / 1e9).to be_within(0.1 * total).of(total)
   end
 

@@ -16,6 +16,36 @@ module ProfileHelpers
     x
   end
 
+  # A window that overflowed a 16-sample buffer: 40 label sets of 3 ms each at 1 000 Hz.
+  def overflowed_window
+    native = Pyroscope::Native
+    native.start(max_samples: 16, sample_rate: 1000)
+    work = Workload.new
+    40.times do |i|
+      native.set_labels({ "i" => i.to_s })
+      work.heavy(0.003)
+    end
+    native.clear_labels
+    native.stop
+    native.take_window
+  end
+
+  # Runs `count` threads, each calling the block with its number, then burning `seconds`
+  # in Workload#method; returns the CPU seconds they measured around the burning, summed.
+  def burn_in_threads(count, method, seconds)
+    work = Workload.new
+    measured = Queue.new
+    Array.new(count) do |i|
+      Thread.new do
+        yield i if block_given?
+        before = thread_cpu
+        work.public_send(method, seconds)
+        measured << (thread_cpu - before)
+      end
+    end.each(&:join)
+    Array.new(count) { measured.pop }.sum
+  end
+
   def take_samples
     Pyroscope::Native.take_window.fetch(:samples)
   end
