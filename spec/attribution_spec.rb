@@ -41,7 +41,9 @@ RSpec.describe "Attribution against the thread CPU clock" do
     native.start(sample_rate: 100)
     native.set_labels({ "loop" => "nogvl" })
     started = thread_cpu
-    while thread_cpu - started < 6.0
+    # 12 s: at 6 s the share's spread run to run (82-91 % against 85 % on 3.3) broke the
+    # 5-point goal in one CI run of ~20; at 12 s, 84-88 % in 8 runs
+    while thread_cpu - started < 12.0
       before = thread_cpu
       work.inflate_blob(blob, buffer)
       inflate_cpu += (inflated = thread_cpu - before)
