@@ -269,6 +269,21 @@ RSpec.describe Pyroscope do
       expect(receiver.samples.map { |s| s[:labels]["pid"] }).to include(out.strip)
     end
 
+    it "keeps exec private as Kernel has it, and profiling on when exec fails" do
+      expect(Object.new.respond_to?(:exec)).to be(false)
+      expect(Kernel.private_method_defined?(:exec)).to be(true)
+      expect([Kernel.respond_to?(:exec), Process.respond_to?(:exec)]).to eq([true, true])
+      Pyroscope::Native.start(sample_rate: 1000)
+      missing = "/nonexistent/pyroscope-spec-#{Process.pid}"
+      [-> { exec(missing) }, -> { Kernel.exec(missing) }, -> { Process.exec(missing, close_others: true) }].each do |call|
+        expect(&call).to raise_error(Errno::ENOENT)
+        expect(Pyroscope::Native).to be_running
+      end
+      Pyroscope::Native.take_window
+      work.heavy(0.05)
+      expect(take_samples.sum { |s| s[2] }).to be > 25_000_000
+    end
+
     it "exec after profiling at 1000 Hz never dies of a pending SIGPROF" do
       10.times do
         _, err, status = run_ruby(<<~RUBY)

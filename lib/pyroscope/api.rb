@@ -214,14 +214,18 @@ module Pyroscope
   Process.singleton_class.prepend(ForkHook)
 
   # A timer signal still pending at exec would reach the new program, whose default
-  # action for SIGPROF is to die: the timers go before exec does.
+  # action for SIGPROF is to die: the timers go before exec does. An exec that raises
+  # (ENOENT, EACCES, ...) leaves this process running, so sampling comes back.
   module ExecHook
     def exec(*args, **opts)
-      Pyroscope::Native.stop
+      stopped = Pyroscope::Native.stop
       super
+    ensure
+      Pyroscope::Native.restart if stopped
     end
   end
-  Kernel.prepend(ExecHook)
   Kernel.singleton_class.prepend(ExecHook)
   Process.singleton_class.prepend(ExecHook)
+  # Kernel#exec is private (a public one would make every object answer to it): so is its hook
+  Kernel.prepend(ExecHook.dup.tap { |hook| hook.send(:private, :exec) })
 end
