@@ -186,10 +186,60 @@ RSpec.describe Pyroscope::Exporter do
       native.stop
       exporter.stop(timeout: 10)
       expect(receiver.violations).to be_empty
-      expect(log.string).not_to include("exporter stopped")
+      expect(log.string).not_to include("exporting a window failed")
       deep = receiver.samples.map { |s| s[:frames] }.select { |frames| frames.size >= 200 }.uniq
       expect(deep.size).to be >= 5000
     end
+  end
+
+  # Regression: any error in the exporter's loop ended its thread, and every later window
+  # stayed in the sampler. The failure injected here is a Logger whose formatter raises once
+  # (as a strict one may on a server's message), on the upload event the thread logs.
+  it "goes on exporting after a window fails, and logs the failure once" do
+    armed = true
+    failed = Queue.new
+    logger = Logger.new(log)
+    logger.formatter = proc do |severity, _time, _progname, message|
+      if armed
+        armed = false
+        failed << Time.now.to_i
+        raise ArgumentError, "invalid byte sequence in UTF-8"
+      end
+      "#{severity}: #{message}\n"
+    end
+    receiver.mode = [:status, 503] # an upload event, which the exporter's thread logs at its next window
+    exporter = described_class.new(application_name: "spec.app", server_address: receiver.url, logger: logger,
+                                   upload_interval: 1, timeout: 30)
+    native.start
+    burning = true
+    burner = Thread.new { work.heavy(0.02) while burning }
+    exporter.start
+    failed_at = failed.pop
+    receiver.mode = :ok
+    count = 1
+    count += 1 until receiver.wait_for(count, timeout: 10).any? { |r| Integer(r[:params]["from"]) > failed_at }
+    burning = false
+    burner.join
+    exporter.stop(timeout: 5)
+    expect(receiver.violations).to be_empty
+    expect(log.string.scan("exporting a window failed").size).to eq(1), log.string
+  end
+
+  it "holds no exporter once stopped: one at_exit for the process, not one per exporter" do
+    out, err, status = run_ruby(<<~RUBY)
+      require "pyroscope"
+      require "logger"
+      50.times do
+        exporter = Pyroscope::Exporter.new(application_name: "many.app", server_address: #{receiver.url.inspect},
+                                           logger: Logger.new(nil))
+        exporter.start
+        exporter.stop(timeout: 5)
+      end
+      GC.start
+      puts ObjectSpace.each_object(Pyroscope::Exporter).count
+    RUBY
+    expect(status).to be_success, "#{status.inspect} #{err}"
+    expect(Integer(out)).to be <= 2 # what the GC may still see on the stack; it was all 50
   end
 
   it "retries a 500 and a cut response, and delivers once the server answers" do

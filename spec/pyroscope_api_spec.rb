@@ -269,6 +269,83 @@ RSpec.describe Pyroscope do
       expect(receiver.samples.map { |s| s[:labels]["pid"] }).to include(out.strip)
     end
 
+    # A process forked by the test runs the scenario, so that the runner is never daemonized.
+    # Returns the pid the forked process printed and the samples its pid labels.
+    def profile_forked_span(fork_code)
+      out, err, status = run_ruby(<<~RUBY)
+        require "pyroscope"
+        require "pyroscope/otel"
+        require "fiddle"
+        Pyroscope.configure do |c|
+          c.application_name = "forked.app"
+          c.server_address = #{receiver.url.inspect}
+          c.report_pid = true
+        end
+        provider = OpenTelemetry::SDK::Trace::TracerProvider.new
+        provider.add_span_processor(Pyroscope::Otel::SpanProcessor.new("forked.app", #{receiver.url.inspect}))
+        def forked_work(seconds)
+          x = 0
+          stop_at = Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID) + seconds
+          x += 1 while Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID) < stop_at
+        end
+        in_child = lambda do
+          puts Process.pid
+          $stdout.flush
+          provider.tracer("forked").in_span("ForkedJob") { forked_work(0.3) }
+        end
+        #{fork_code}
+      RUBY
+      expect(status).to be_success, err
+      child = out.lines.last.strip
+      count = 1
+      count += 1 until receiver.wait_for(count).flat_map { |r| r[:samples] }.any? { |s| s[:labels]["pid"] == child }
+      [child, receiver.samples.select { |s| s[:labels]["pid"] == child }]
+    end
+
+    it "keeps profiling a daemon (Process.daemon forks without Process._fork), under its own pid" do
+      child, samples = profile_forked_span(<<~RUBY)
+        pid = fork do
+          Process.daemon(true, true) # stdout stays open: the spec reads it until the daemon exits
+          in_child.call
+        end
+        Process.wait(pid)
+      RUBY
+      in_span = samples.select { |s| s[:labels]["span"] == "ForkedJob" && s[:frames].any? { |f| f[0] == "Object#forked_work" } }
+      expect(in_span.sum { |s| s[:cpu_ns] }).to be > 150_000_000
+    end
+
+    it "keeps profiling a child of a C-level fork() (no Process._fork), under its own pid" do
+      skip "Ruby >= 3.3 itself hangs a child of a bare fork() of a process with a second thread" if Gem::Version.new(RUBY_VERSION) >= Gem::Version.new("3.3")
+
+      child, samples = profile_forked_span(<<~RUBY)
+        bare_fork = Fiddle::Function.new(Fiddle::Handle::DEFAULT["fork"], [], Fiddle::TYPE_INT, need_gvl: true)
+        pid = bare_fork.call
+        if pid.zero?
+          in_child.call
+          Pyroscope.shutdown
+          exit!(0) # Ruby's own exit would wait for the parent's threads, which this child does not have
+        end
+        Process.wait(pid)
+      RUBY
+      in_span = samples.select { |s| s[:labels]["span"] == "ForkedJob" && s[:frames].any? { |f| f[0] == "Object#forked_work" } }
+      expect(in_span.sum { |s| s[:cpu_ns] }).to be > 150_000_000
+    end
+
+    it "keeps exec private as Kernel has it, and profiling on when exec fails" do
+      expect(Object.new.respond_to?(:exec)).to be(false)
+      expect(Kernel.private_method_defined?(:exec)).to be(true)
+      expect([Kernel.respond_to?(:exec), Process.respond_to?(:exec)]).to eq([true, true])
+      Pyroscope::Native.start(sample_rate: 1000)
+      missing = "/nonexistent/pyroscope-spec-#{Process.pid}"
+      [-> { exec(missing) }, -> { Kernel.exec(missing) }, -> { Process.exec(missing, close_others: true) }].each do |call|
+        expect(&call).to raise_error(Errno::ENOENT)
+        expect(Pyroscope::Native).to be_running
+      end
+      Pyroscope::Native.take_window
+      work.heavy(0.05)
+      expect(take_samples.sum { |s| s[2] }).to be > 25_000_000
+    end
+
     it "exec after profiling at 1000 Hz never dies of a pending SIGPROF" do
       10.times do
         _, err, status = run_ruby(<<~RUBY)

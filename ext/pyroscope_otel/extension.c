@@ -1,21 +1,38 @@
 /*
- * extension.c — Init and the thin Ruby binding, Pyroscope::Native (all GVL).
+ * extension.c — Init and the thin Ruby binding, Pyroscope::Native (GVL; the fork handler
+ * excepted, below).
  *
  * Arguments are checked here, before any lock is taken or any state changes, so that a
  * bad call raises (ArgumentError/TypeError naming the value) and leaves nothing half
  * done. Keyword options and defaults live in lib/pyroscope/native.rb.
  * Also holds the GC root that marks the aggregation buffers, and the fork handler.
+ *
+ * Fork (atfork child: NOGVL, the child's only thread, async-signal-safe code only): the
+ * sampler and the ticker reset themselves, the child is marked forked, and when the
+ * sampler was running a postponed job is asked for, so that the `on_fork_child` block
+ * restarts profiling in the child also after a fork that bypasses Process._fork (daemon(3)
+ * in Process.daemon, a C extension's fork()): the exporter's Ruby thread is gone there
+ * and nothing else would. The job (GVL) and the Ruby hooks on _fork and daemon all call
+ * `after_fork`, which runs the block once per fork, whichever comes first.
  */
 #include "pyroscope_otel.h"
 #include <pthread.h>
+#include <ruby/debug.h>
 
 static VALUE mNative;
 void po_export_binding_init(VALUE mNative);
 void po_pprof_read_init(VALUE mNative);
 
+static VALUE fork_child_block = Qnil;
+static volatile int forked; /* set in a child of fork; cleared by the after_fork that runs the block */
+#ifdef HAVE_RB_POSTPONED_JOB_PREREGISTER
+static rb_postponed_job_handle_t fork_job = POSTPONED_JOB_HANDLE_INVALID;
+#endif
+
 static void roots_mark(void *p)
 {
     (void)p;
+    rb_gc_mark(fork_child_block);
     po_recorder_mark();
     po_label_slots_mark();
     po_threads_mark();
@@ -125,6 +142,51 @@ static VALUE native_thread_cpu_ns(VALUE self)
     return ULL2NUM(po_thread_cpu_ns(po_gettid()));
 }
 
+/* on_fork_child { }: the block each child of fork runs once, as early as it can (GVL). */
+static VALUE native_on_fork_child(VALUE self)
+{
+    (void)self;
+    fork_child_block = rb_block_proc();
+    return Qnil;
+}
+
+/* Runs the on_fork_child block if this process is a child of fork that has not run it yet.
+ * Returns whether it ran. */
+static VALUE native_after_fork(VALUE self)
+{
+    (void)self;
+    if (!forked) return Qfalse;
+    forked = 0; /* first: the block may reach an interrupt check, where the job calls here too */
+    if (!NIL_P(fork_child_block)) rb_proc_call_with_block(fork_child_block, 0, NULL, Qnil);
+    return Qtrue;
+}
+
+/* The postponed job: GVL, at the child's first interrupt check. An error is the block's to
+ * report; here it can only be dropped (nothing to raise into). */
+static void after_fork_job(void *unused)
+{
+    (void)unused;
+    int state = 0;
+    rb_protect(native_after_fork, Qnil, &state);
+    if (state) rb_set_errinfo(Qnil);
+}
+
+static void after_fork_child(void)
+{
+    int was_running = po_running;
+    po_profiler_after_fork_child();
+    po_ticker_after_fork_child();
+    forked = 1;
+    if (!was_running) return;
+#ifdef HAVE_RB_POSTPONED_JOB_PREREGISTER
+    if (fork_job != POSTPONED_JOB_HANDLE_INVALID) rb_postponed_job_trigger(fork_job);
+#else
+    /* needs the calling Ruby thread (a C library's own thread may have forked); this is
+     * the child's only thread, so nothing flushes the jobs concurrently (Bug #19991) */
+    if (ruby_native_thread_p()) rb_postponed_job_register_one(0, after_fork_job, NULL);
+#endif
+}
+
 /* End procs run in reverse order of registration, so this one, registered at load, runs
  * after the application's at_exit blocks (the exporter's last window among them) and
  * before the VM is torn down: a sample walking a VM being destroyed would crash it. */
@@ -146,8 +208,10 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
 
     po_thread_events_init();
     rb_set_end_proc(stop_at_exit, Qnil);
-    pthread_atfork(NULL, NULL, po_profiler_after_fork_child);
-    pthread_atfork(NULL, NULL, po_ticker_after_fork_child);
+#ifdef HAVE_RB_POSTPONED_JOB_PREREGISTER
+    fork_job = rb_postponed_job_preregister(0, after_fork_job, NULL);
+#endif
+    pthread_atfork(NULL, NULL, after_fork_child);
 
     rb_define_singleton_method(mNative, "_start", native_start, 4);
     rb_define_singleton_method(mNative, "stop", native_stop, 0);
@@ -158,6 +222,8 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
     rb_define_singleton_method(mNative, "add_id_label", native_add_id_label, 1);
     rb_define_singleton_method(mNative, "thread_cpu_ns", native_thread_cpu_ns, 0);
     rb_define_singleton_method(mNative, "exclude_current_thread", native_exclude_current_thread, 0);
+    rb_define_singleton_method(mNative, "on_fork_child", native_on_fork_child, 0);
+    rb_define_singleton_method(mNative, "after_fork", native_after_fork, 0);
     rb_define_const(mNative, "MAX_THREADS", INT2NUM(PO_MAX_THREADS));
     po_export_binding_init(mNative);
     po_label_slots_init(mNative);

@@ -191,6 +191,8 @@ module Pyroscope
 
     # The child of a fork: the extension stopped itself (no timer survives fork) and forgot
     # the parent's window and queue; this starts the child's own profiling and uploads.
+    # A failure here must not fail the application's fork (nor can it reach the
+    # application when this runs as the extension's postponed job): it is logged.
     def after_fork
       @lock = Monitor.new
       return unless @config && @exporter && @pid != Process.pid
@@ -199,29 +201,45 @@ module Pyroscope
       @pid = Process.pid
       Native.start(**sampler_options(@config))
       @exporter.start
+    rescue StandardError => e
+      logger.error("pyroscope: not profiling this child of fork (pid #{Process.pid}): #{e.class}: #{e.message}")
     end
   end
 
-  # Process._fork is what every fork goes through (Kernel#fork, Process.fork, IO.popen("-"))
-  # since Ruby 3.1.
+  # A child of fork restarts profiling as soon as it can: the extension runs this block from
+  # a postponed job after any fork of a profiling process (also one a C extension makes), or
+  # from the hooks below, whichever comes first, once.
+  Native.on_fork_child { send(:after_fork) }
+
+  # Process._fork is what Kernel#fork, Process.fork and IO.popen("-") go through since Ruby
+  # 3.1: the child restarts before its first line runs. Process.daemon forks in C
+  # (daemon(3)), without _fork; it returns in the daemon only.
   module ForkHook
     def _fork
       pid = super
-      Pyroscope.send(:after_fork) if pid.zero?
+      Pyroscope::Native.after_fork if pid.zero?
       pid
+    end
+
+    def daemon(*)
+      super.tap { Pyroscope::Native.after_fork }
     end
   end
   Process.singleton_class.prepend(ForkHook)
 
   # A timer signal still pending at exec would reach the new program, whose default
-  # action for SIGPROF is to die: the timers go before exec does.
+  # action for SIGPROF is to die: the timers go before exec does. An exec that raises
+  # (ENOENT, EACCES, ...) leaves this process running, so sampling comes back.
   module ExecHook
     def exec(*args, **opts)
-      Pyroscope::Native.stop
+      stopped = Pyroscope::Native.stop
       super
+    ensure
+      Pyroscope::Native.restart if stopped
     end
   end
-  Kernel.prepend(ExecHook)
   Kernel.singleton_class.prepend(ExecHook)
   Process.singleton_class.prepend(ExecHook)
+  # Kernel#exec is private (a public one would make every object answer to it): so is its hook
+  Kernel.prepend(ExecHook.dup.tap { |hook| hook.send(:private, :exec) })
 end

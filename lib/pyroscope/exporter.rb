@@ -18,7 +18,34 @@ module Pyroscope
     SPY_NAME = "rbspy" # what Pyroscope's UI knows as Ruby; the Ruby SDK sent it too
     LEVELS = { 1 => Logger::INFO, 2 => Logger::WARN, 3 => Logger::ERROR }.freeze
 
-    attr_reader :gvl_ns
+    attr_reader :gvl_ns, :exit_timeout
+
+    # The exporters started and not stopped, each with the pid that started it: one at_exit
+    # for the process sends their last windows. (An at_exit per exporter held every exporter
+    # ever started, its block's self, for the life of the process.)
+    @live = {}
+    @live_lock = Mutex.new
+
+    class << self
+      def started(exporter)
+        @live_lock.synchronize do
+          @live.delete_if { |_, pid| pid != Process.pid } # a parent's, inherited by fork
+          @live[exporter] = Process.pid
+        end
+      end
+
+      def stopped(exporter)
+        @live_lock.synchronize { @live.delete(exporter) }
+      end
+
+      # Only the process that started an exporter stops it: a forked child runs its
+      # parent's at_exit blocks too.
+      def stop_live
+        live = @live_lock.synchronize { @live.select { |_, pid| pid == Process.pid }.keys }
+        live.each { |exporter| exporter.stop(timeout: exporter.exit_timeout) }
+      end
+    end
+    at_exit { stop_live } # the last, partial windows go out at exit too, with a bounded wait
 
     def initialize(application_name:, server_address:, logger:, sample_rate: Native::DEFAULT_SAMPLE_RATE,
                    auth_token: nil, basic_auth_username: nil, basic_auth_password: nil, tenant_id: nil,
@@ -51,12 +78,8 @@ module Pyroscope
         @stopping = false
         @thread = Thread.new { run }
         @thread.name = "pyroscope-exporter"
-        # the last, partial window goes out at exit too, with a bounded wait; only from the
-        # process that started it (a forked child runs its parent's at_exit blocks too)
-        pid = Process.pid
-        at_exit { stop(timeout: @exit_timeout) if @thread && Process.pid == pid } unless @at_exit
-        @at_exit = true
       end
+      self.class.started(self)
     end
 
     # Sends the last, partial window and waits at most `timeout` seconds for the queue.
@@ -66,6 +89,7 @@ module Pyroscope
         @wake.signal
         @thread.tap { @thread = nil }
       end
+      self.class.stopped(self)
       thread&.join(timeout)
       export_window(final: true)
       drained = Native.flush(timeout)
@@ -87,8 +111,11 @@ module Pyroscope
 
     private
 
+    # A window that fails to export (or a Logger that raises on an upload event) costs that
+    # window, never the later ones: the thread goes on, and says so once per run of failures.
     def run
       Native.exclude_current_thread
+      failing = false
       loop do
         @mutex.synchronize do
           now = Process.clock_gettime(Process::CLOCK_REALTIME)
@@ -97,9 +124,20 @@ module Pyroscope
         break if @stopping
 
         export_window
+        failing = false
+      rescue StandardError => e
+        report_failure(e) unless failing
+        failing = true
       end
-    rescue StandardError => e
-      @logger.error("pyroscope: exporter stopped: #{e.class}: #{e.message}")
+    end
+
+    def report_failure(error)
+      message = "pyroscope: exporting a window failed (later windows still go): #{error.class}: #{error.message}"
+      begin
+        @logger.error(message)
+      rescue StandardError
+        warn message # the Logger itself is what fails: stderr is what is left
+      end
     end
 
     def log_events

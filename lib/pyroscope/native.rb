@@ -27,8 +27,17 @@ module Pyroscope
                 no_signals: false)
         raise ArgumentError, "no_signals must be true or false, got #{no_signals.inspect}" unless [true, false].include?(no_signals)
 
-        _start(integer(:sample_rate, sample_rate), integer(:max_depth, max_depth), integer(:max_samples, max_samples),
-               no_signals)
+        options = [integer(:sample_rate, sample_rate), integer(:max_depth, max_depth),
+                   integer(:max_samples, max_samples), no_signals]
+        started = _start(*options)
+        @started_with = options if started
+        started
+      end
+
+      # Starts again as the last start did: after a stop that was not the application's
+      # (an exec that failed).
+      def restart
+        _start(*@started_with)
       end
 
       def clear_labels
