@@ -144,6 +144,7 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
     VALUE roots = TypedData_Wrap_Struct(rb_cObject, &roots_type, &roots_data);
     rb_gc_register_mark_object(roots);
 
+    po_mn_threads_init();
     po_thread_events_init();
     rb_set_end_proc(stop_at_exit, Qnil);
     pthread_atfork(NULL, NULL, po_profiler_after_fork_child);

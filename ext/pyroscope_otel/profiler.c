@@ -38,7 +38,7 @@ int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signa
 {
     if (po_running) return 0;
     if (po_mn_threads_enabled()) {
-        rb_warn("pyroscope: not sampling: M:N threads (RUBY_MN_THREADS=1) share native threads between "
+        rb_warn("pyroscope: not sampling: M:N threads (RUBY_MN_THREADS above 0) share native threads between "
                 "Ruby threads, so per-thread CPU timers cannot attribute CPU time; unset RUBY_MN_THREADS");
         return 0;
     }
