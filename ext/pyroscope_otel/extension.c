@@ -100,6 +100,7 @@ static VALUE native_stats(VALUE self)
     SET("threads", SIZET2NUM(threads));
     SET("threads_refused", ULL2NUM(refused));
     SET("label_sets", SIZET2NUM(label_sets));
+    SET("spans_dropped", ULL2NUM(po_spans_dropped));
     SET("window_dropped_samples", ULL2NUM(dropped));
     SET("window_dropped_cpu_ns", ULL2NUM(dropped_ns));
     SET("signal_handler_installed", po_signal_installed() ? Qtrue : Qfalse);

@@ -180,6 +180,8 @@ static inline void po_thread_detach_fiber(po_thread *t)
     t->fiber_obj = 0;
 }
 
+#define PO_MAX_SPANS 128 /* active spans per fiber; one more drops the outermost */
+extern uint64_t po_spans_dropped; /* GVL: spans dropped so, since load */
 void po_label_slots_init(VALUE mNative); /* at load */
 void po_label_slots_mark(void);          /* GC mark phase: the running fibers' objects */
 
