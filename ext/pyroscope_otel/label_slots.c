@@ -486,8 +486,8 @@ static VALUE native_set_thread_labels(VALUE self, VALUE thread, VALUE labels)
     po_labelset *want = effective_on(t, f);
     po_lock();
     /* checked again in the same hold as the put: its exit hook (3.2+, without the GVL)
-     * may have released the entry since, and a slot put on a released entry was never
-     * freed (nor was a reclaimed one's right to get it) */
+     * may have released the entry since; labels put on a released entry were never
+     * unreferenced, and a reclaimed one, another thread's by then, would have got them */
     int still = t->tid && t->owner == thread;
     if (still) po_put_labels_locked(t, want);
     else po_labelset_unref(want);
