@@ -32,6 +32,7 @@ RSpec.describe "Bounded native memory" do
     200.times do
       go = Queue.new
       target = Thread.new { go.pop && 2_000.times.sum }
+      Thread.pass until target.stop? # running: its native thread id is known (3.3 sets it as it starts)
       calls += 1 if native.set_thread_labels(target, { "wide" => calls.to_s })
       go << true
       calls += 1 while native.set_thread_labels(target, { "wide" => calls.to_s })
