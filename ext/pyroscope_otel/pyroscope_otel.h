@@ -181,7 +181,7 @@ static inline void po_thread_detach_fiber(po_thread *t)
 }
 
 #define PO_MAX_SPANS 128 /* active spans per fiber; one more drops the outermost */
-extern uint64_t po_spans_dropped; /* GVL: spans dropped so, since load */
+extern uint64_t po_spans_dropped; /* GVL: outermost spans dropped past the cap, since load */
 void po_label_slots_init(VALUE mNative); /* at load */
 void po_label_slots_mark(void);          /* GC mark phase: the running fibers' objects */
 
