@@ -55,18 +55,54 @@ RSpec.describe "Pyroscope::Native in its process" do
     expect(out).to eq("alive\n")
   end
 
-  it "refuses to sample under M:N threads with a warning, where Ruby has them" do
-    out, err, status = run_ruby(<<~RUBY, env: { "RUBY_MN_THREADS" => "1" })
+  # Ruby >= 3.3 turns M:N threads on for any RUBY_MN_THREADS above 0 (atoi, thread_pthread.c);
+  # 3.1 has no M:N threads, the variable means nothing there.
+  { "1" => true, "2" => true, "0" => false, "no" => false }.each do |value, mn|
+    it "#{mn ? "refuses" : "starts"} to sample with RUBY_MN_THREADS=#{value}#{mn ? ", with a warning, where Ruby has M:N threads" : ""}" do
+      out, err, status = run_ruby(<<~RUBY, env: { "RUBY_MN_THREADS" => value })
+        require "pyroscope"
+        p Pyroscope::Native.start
+        Pyroscope::Native.set_labels({ "still" => "works" })
+        p Pyroscope::Native.labels
+      RUBY
+      expect(status).to be_success, err
+      refused = mn && Gem::Version.new(RUBY_VERSION) >= Gem::Version.new("3.3")
+      # before: "2" was sampled on 3.3 and 3.4, one native thread's CPU clock standing for many threads
+      expect(out.lines.first.strip).to eq(refused ? "false" : "true")
+      expect(err).to(refused ? include("M:N threads") : be_empty)
+      expect(out.lines.last).to include('"still"=>"works"').or include('"still" => "works"')
+    end
+  end
+
+  it "never samples the threads of other Ractors, M:N on Ruby >= 3.3 whatever RUBY_MN_THREADS says" do
+    out, err, status = run_ruby(<<~RUBY)
       require "pyroscope"
-      p Pyroscope::Native.start
-      Pyroscope::Native.set_labels({ "still" => "works" })
-      p Pyroscope::Native.labels
+      Warning[:experimental] = false
+      def ractor_work(seconds)
+        stop_at = Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID) + seconds
+        x = 0
+        x += 1 while Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID) < stop_at
+        x
+      end
+      native = Pyroscope::Native
+      native.start(sample_rate: 1000)
+      baseline = native.stats[:threads]
+      Ractor.new do
+        Ractor.main.send(:running)
+        ractor_work(0.2)
+        Ractor.main.send(:done)
+      end
+      Ractor.receive
+      entries = native.stats[:threads] - baseline
+      Ractor.receive
+      native.stop
+      ractor = native.take_window[:samples].select { |frames, *| frames.any? { |name, *| name.include?("ractor_work") } }
+      p(entries: entries, ractor_cpu_ns: ractor.sum { |s| s[2] })
     RUBY
     expect(status).to be_success, err
-    mn_ruby = Gem::Version.new(RUBY_VERSION) >= Gem::Version.new("3.3")
-    expect(out.lines.first.strip).to eq(mn_ruby ? "false" : "true")
-    expect(err).to(mn_ruby ? include("M:N threads") : be_empty)
-    expect(out.lines.last).to include('"still"=>"works"').or include('"still" => "works"')
+    # before (3.3, 3.4): an entry and a timer for the Ractor's thread, and its 200 ms sampled
+    # on a native thread M:N threads share
+    expect(eval(out.lines.last)).to eq(entries: 0, ractor_cpu_ns: 0) # rubocop:disable Security/Eval
   end
 
   it "leaves a forked child stopped, with the forking thread's labels and an empty window" do

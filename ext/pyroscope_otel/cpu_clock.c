@@ -6,11 +6,14 @@
  * A thread-CPU clock read is a system call (1.5–3 µs on the dev VMs): callers read it once
  * per event. po_gettid is async-signal-safe (HANDLER); po_current_tid caches it per
  * native thread for the GVL paths (label changes). And whether native threads are the
- * Ruby threads' own (not under M:N threads), which all of this assumes.
+ * Ruby threads' own (not under M:N threads), which all of this assumes: Ruby >= 3.3 runs
+ * the main Ractor's threads M:N when RUBY_MN_THREADS is any number above 0 (its own
+ * test, atoi(...) > 0 in thread_pthread.c, read once at boot; read here once at load), and
+ * every other Ractor's threads M:N always.
  */
 #include "pyroscope_otel.h"
+#include <ruby/ractor.h>
 #include <stdlib.h>
-#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -58,12 +61,30 @@ uint64_t po_realtime_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-int po_mn_threads_enabled(void)
+static int mn_threads;
+/* set in the main Ractor's storage only, at load (Ruby's test for the main Ractor,
+ * rb_ractor_main_p, is not public) */
+static rb_ractor_local_key_t main_ractor_key;
+static int main_ractor_mark;
+
+void po_mn_threads_init(void)
 {
 #ifdef HAVE_RB_INTERNAL_THREAD_SPECIFIC_KEY_CREATE /* Ruby >= 3.3, which has M:N threads */
     const char *v = getenv("RUBY_MN_THREADS");
-    return v && strcmp(v, "1") == 0;
-#else
-    return 0;
+    mn_threads = v && atoi(v) > 0; /* "2" enables them as "1" does; "0" or "no" does not */
 #endif
+    main_ractor_key = rb_ractor_local_storage_ptr_newkey(NULL);
+    rb_ractor_local_storage_ptr_set(main_ractor_key, &main_ractor_mark);
+}
+
+int po_mn_threads_enabled(void)
+{
+    return mn_threads;
+}
+
+int po_shares_native_thread(void)
+{
+    /* the extension is not Ractor-safe: no other Ractor calls it, so nothing but sampling
+     * would ever reach their threads, whose native threads are shared (>= 3.3) */
+    return mn_threads || rb_ractor_local_storage_ptr(main_ractor_key) != &main_ractor_mark;
 }

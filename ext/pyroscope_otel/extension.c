@@ -117,6 +117,7 @@ static VALUE native_stats(VALUE self)
     SET("threads", SIZET2NUM(threads));
     SET("threads_refused", ULL2NUM(refused));
     SET("label_sets", SIZET2NUM(label_sets));
+    SET("spans_dropped", ULL2NUM(po_spans_dropped));
     SET("window_dropped_samples", ULL2NUM(dropped));
     SET("window_dropped_cpu_ns", ULL2NUM(dropped_ns));
     SET("signal_handler_installed", po_signal_installed() ? Qtrue : Qfalse);
@@ -206,6 +207,7 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
     VALUE roots = TypedData_Wrap_Struct(rb_cObject, &roots_type, &roots_data);
     rb_gc_register_mark_object(roots);
 
+    po_mn_threads_init();
     po_thread_events_init();
     rb_set_end_proc(stop_at_exit, Qnil);
 #ifdef HAVE_RB_POSTPONED_JOB_PREREGISTER

@@ -21,6 +21,9 @@
  * thread's slot (without a stack to charge, like any change made from outside). Spans may
  * end in any order; an outer one ending first leaves the inner one's labels in place.
  * Thread-wide labels changed later reach a fiber's effective set when it next runs.
+ * A fiber holds at most PO_MAX_SPANS active spans: pushing one more drops the outermost
+ * (counted, po_spans_dropped), whose labels then never come back; memory stays bounded
+ * when spans are started and never finished.
  *
  * A thread needs an entry in the thread table for a slot. When the table is full (4 096
  * live threads), labelling calls go on without one instead of raising into the
@@ -338,6 +341,8 @@ struct push_arg {
     long n;
 };
 
+uint64_t po_spans_dropped;
+
 static VALUE push(VALUE p)
 {
     struct push_arg *a = (struct push_arg *)p;
@@ -346,7 +351,16 @@ static VALUE push(VALUE p)
     s->fiber = Qnil;
     s->labels = po_labelset_from_pairs(a->kv, a->n);
     s->fiber = a->obj;
-    rb_ary_push(fiber_labels_of(a->obj)->spans, token);
+    VALUE spans = fiber_labels_of(a->obj)->spans;
+    rb_ary_push(spans, token);
+    /* Spans that never finish (a lost on_finish) would pile up for the fiber's life, a
+     * thread's root fiber living as long as the process: the outermost goes, its pop
+     * becomes a no-op. Never the innermost, whose labels the fiber carries. */
+    if (RARRAY_LEN(spans) > PO_MAX_SPANS) {
+        span_labels *oldest = DATA_PTR(rb_ary_shift(spans));
+        oldest->fiber = Qnil;
+        po_spans_dropped++;
+    }
     refresh(a->obj);
     return token;
 }
@@ -467,13 +481,18 @@ static VALUE native_set_thread_labels(VALUE self, VALUE thread, VALUE labels)
     if (self_thread) {
         t->switching = 1;
         po_switch_labels(t, effective_on(t, f));
-    } else {
-        po_labelset *want = effective_on(t, f);
-        po_lock();
-        po_put_labels_locked(t, want);
-        po_unlock();
+        return Qtrue;
     }
-    return Qtrue;
+    po_labelset *want = effective_on(t, f);
+    po_lock();
+    /* checked again in the same hold as the put: its exit hook (3.2+, without the GVL)
+     * may have released the entry since; labels put on a released entry were never
+     * unreferenced, and a reclaimed one, another thread's by then, would have got them */
+    int still = t->tid && t->owner == thread;
+    if (still) po_put_labels_locked(t, want);
+    else po_labelset_unref(want);
+    po_unlock();
+    return still ? Qtrue : Qfalse;
 }
 
 void po_label_slots_init(VALUE mNative)

@@ -6,7 +6,8 @@
  * starts the signal-free ticker when asked, enables the thread and GC event hooks, and
  * registers every live Ruby thread (a timer each); threads started later register
  * themselves (thread_events.c). stop disarms every timer and disables the hooks; the
- * exit hook stays, so that no entry outlives its thread.
+ * exit hook stays, so that no entry outlives its thread. Nothing in stop checks
+ * interrupts, so a Thread#raise or a trap cannot leave it half done (ticker.c).
  *
  * The top of the sampling core: it calls every layer below (triggers, threads, accounting,
  * recorder) and nothing calls it but the binding (extension.c).
@@ -37,7 +38,7 @@ int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signa
 {
     if (po_running) return 0;
     if (po_mn_threads_enabled()) {
-        rb_warn("pyroscope: not sampling: M:N threads (RUBY_MN_THREADS=1) share native threads between "
+        rb_warn("pyroscope: not sampling: M:N threads (RUBY_MN_THREADS above 0) share native threads between "
                 "Ruby threads, so per-thread CPU timers cannot attribute CPU time; unset RUBY_MN_THREADS");
         return 0;
     }

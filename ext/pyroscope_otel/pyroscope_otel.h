@@ -52,7 +52,11 @@ pid_t po_gettid(void);                /* HANDLER-safe; a system call */
 pid_t po_current_tid(void);           /* GVL: the same, cached per thread (label changes) */
 void po_current_tid_after_fork_child(void);
 uint64_t po_realtime_ns(void);
-int po_mn_threads_enabled(void);      /* M:N threads: native threads shared by Ruby threads */
+void po_mn_threads_init(void);         /* at load */
+int po_mn_threads_enabled(void);      /* M:N threads in the main Ractor: native threads shared by its threads */
+/* GVL (or the RESUMED hook, on the thread): the calling Ruby thread may share its native
+ * thread, under M:N threads or in a Ractor other than the main one */
+int po_shares_native_thread(void);
 
 /* ---- labels.c: immutable, interned, reference-counted label sets ---------------- */
 #define PO_MAX_LABELS 100       /* the server's labels-per-sample limit */
@@ -176,6 +180,8 @@ static inline void po_thread_detach_fiber(po_thread *t)
     t->fiber_obj = 0;
 }
 
+#define PO_MAX_SPANS 128 /* active spans per fiber; one more drops the outermost */
+extern uint64_t po_spans_dropped; /* GVL: outermost spans dropped past the cap, since load */
 void po_label_slots_init(VALUE mNative); /* at load */
 void po_label_slots_mark(void);          /* GC mark phase: the running fibers' objects */
 

@@ -51,6 +51,7 @@ void po_stack_set_own_paths(VALUE paths)
     }
     po_lock(); /* the readers run under it */
     char **old = own_paths;
+    long *old_lens = own_lens;
     long old_n = own_count;
     own_paths = p;
     own_lens = l;
@@ -58,6 +59,7 @@ void po_stack_set_own_paths(VALUE paths)
     po_unlock();
     for (long i = 0; i < old_n; i++) free(old[i]);
     free(old);
+    free(old_lens);
 }
 
 /* A file of ours (the gem's, the SDK's). */

@@ -32,8 +32,11 @@
  * Threads that already exist at start are registered by start itself (Thread.list and
  * their native thread ids), on every version.
  *
- * M:N threads (Ruby >= 3.3 with RUBY_MN_THREADS=1) break "one Ruby thread, one native
- * thread, one CPU clock": sampling is refused with a warning (profiler.c).
+ * M:N threads break "one Ruby thread, one native thread, one CPU clock": under
+ * RUBY_MN_THREADS (Ruby >= 3.3, any value above 0) sampling is refused with a warning
+ * (profiler.c); threads of Ractors other than the main one, M:N on >= 3.3 whatever the
+ * variable says, are never registered (RESUMED above; Thread.list at start lists the
+ * main Ractor's threads only).
  */
 #include "pyroscope_otel.h"
 #include <stdlib.h>
@@ -65,7 +68,7 @@ static void on_gvl_event(rb_event_flag_t event, const rb_internal_thread_event_d
             t->holds_gvl = 1;
             /* the stack can be walked only from its own thread (3.3+ may run hooks elsewhere) */
             if (t->deferred == PO_DEFER_OFF_GVL && t->tid == po_current_tid()) po_sample_deferred(t, PO_DEFER_OFF_GVL);
-        } else if (po_running) {
+        } else if (po_running && !po_shares_native_thread()) { /* another Ractor's thread: M:N */
             po_thread_register_current();
         }
     } else if (t) {

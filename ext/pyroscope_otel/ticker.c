@@ -16,19 +16,40 @@
  * samples at all and records CPU only at label changes; po_ticker_start says so by
  * returning 0.
  *
- * Fork: the ticker thread does not exist in the child; the atfork handler forgets it.
+ * stop is one step that no interrupt can cut short (a Thread#raise or a trap arriving
+ * during it is raised after it): it wakes the ticker from its wait and joins it with the
+ * GVL held, which takes microseconds and cannot deadlock, the ticker never waiting for the
+ * GVL (rb_postponed_job_trigger is async-signal-safe). Joined without the GVL, Ruby checked
+ * interrupts around the join, and a raise there left the hooks installed and every thread
+ * tracked with its CPU clock of then: the next start charged all CPU used while stopped
+ * to the first sample.
+ *
+ * Fork: the ticker thread does not exist in the child; the atfork handler forgets it and
+ * re-initialises the wait's mutex and condition variable (the ticker may have held them).
  */
 #include "pyroscope_otel.h"
 
 #ifdef HAVE_RB_POSTPONED_JOB_PREREGISTER
+#include <errno.h>
 #include <pthread.h>
-#include <ruby/thread.h>
 #include <signal.h>
 
 static rb_postponed_job_handle_t job = POSTPONED_JOB_HANDLE_INVALID;
 static pthread_t thread;
-static volatile int ticking;
+static pthread_mutex_t wait_lock; /* guards `ticking` and the wait on `wake` */
+static pthread_cond_t wake;       /* on CLOCK_MONOTONIC: stop's signal, else the next tick */
+static int ticking;
 static long tick_ns;
+
+static void init_wait(void)
+{
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&wake, &attr);
+    pthread_condattr_destroy(&attr);
+    pthread_mutex_init(&wait_lock, NULL);
+}
 
 static void sample_job(void *arg)
 {
@@ -40,21 +61,30 @@ static void sample_job(void *arg)
 static void *tick(void *arg)
 {
     (void)arg;
-    while (__atomic_load_n(&ticking, __ATOMIC_ACQUIRE)) {
-        struct timespec ts = { tick_ns / 1000000000L, tick_ns % 1000000000L };
-        nanosleep(&ts, NULL);
-        if (__atomic_load_n(&ticking, __ATOMIC_ACQUIRE)) rb_postponed_job_trigger(job);
+    pthread_mutex_lock(&wait_lock);
+    while (ticking) {
+        struct timespec at;
+        clock_gettime(CLOCK_MONOTONIC, &at);
+        long ns = at.tv_nsec + tick_ns % 1000000000L;
+        at.tv_sec += tick_ns / 1000000000L + ns / 1000000000L;
+        at.tv_nsec = ns % 1000000000L;
+        while (ticking && pthread_cond_timedwait(&wake, &wait_lock, &at) != ETIMEDOUT) {}
+        if (ticking) rb_postponed_job_trigger(job);
     }
+    pthread_mutex_unlock(&wait_lock);
     return NULL;
 }
 
 int po_ticker_start(long interval_ns)
 {
-    if (job == POSTPONED_JOB_HANDLE_INVALID) job = rb_postponed_job_preregister(0, sample_job, NULL);
-    if (job == POSTPONED_JOB_HANDLE_INVALID) return 0;
+    if (job == POSTPONED_JOB_HANDLE_INVALID) {
+        job = rb_postponed_job_preregister(0, sample_job, NULL);
+        if (job == POSTPONED_JOB_HANDLE_INVALID) return 0;
+        init_wait();
+    }
     if (ticking) return 1;
     tick_ns = interval_ns;
-    ticking = 1;
+    ticking = 1; /* no ticker runs: no lock needed */
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old); /* inherited by the new thread */
@@ -67,23 +97,21 @@ int po_ticker_start(long interval_ns)
     return 1;
 }
 
-static void *join_ticker(void *arg)
-{
-    pthread_join(*(pthread_t *)arg, NULL);
-    return NULL;
-}
-
 void po_ticker_stop(void)
 {
     if (!ticking) return;
-    __atomic_store_n(&ticking, 0, __ATOMIC_RELEASE);
-    /* at most one interval; without the GVL so that a job waiting for it cannot deadlock */
-    rb_thread_call_without_gvl(join_ticker, &thread, RUBY_UBF_IO, NULL);
+    pthread_mutex_lock(&wait_lock);
+    ticking = 0;
+    pthread_cond_signal(&wake);
+    pthread_mutex_unlock(&wait_lock);
+    pthread_join(thread, NULL);
 }
 
 void po_ticker_after_fork_child(void)
 {
+    if (job == POSTPONED_JOB_HANDLE_INVALID) return; /* never started */
     ticking = 0;
+    init_wait();
 }
 
 #else
