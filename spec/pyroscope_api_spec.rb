@@ -144,6 +144,24 @@ RSpec.describe Pyroscope do
       receiver.accept!
     end
 
+    it "stop is whole: an interrupt arriving while it runs never leaves the exporter running without the sampler" do
+      configure(upload_interval: 60)
+      stopper = Thread.current
+      # the interrupt arrives right after the sampler stopped, where it is checked next
+      tracer = TracePoint.new(:c_return) do |tp|
+        next unless Thread.current == stopper && tp.method_id == :stop && tp.self == Pyroscope::Native
+
+        tracer.disable
+        Thread.new { stopper.raise("interrupt during stop") }.join
+      end
+      tracer.enable
+      expect { described_class.stop }.to raise_error(RuntimeError, "interrupt during stop")
+      expect(Pyroscope::Native.running?).to be(false)
+      expect(Thread.list.select { |t| t.alive? && t.name == "pyroscope-exporter" }).to be_empty
+    ensure
+      tracer&.disable
+    end
+
     it "shutdown keeps waiting for the last window when an interrupt (here a signal trap) wakes it" do
       configure(exit_timeout: 5)
       work.heavy(0.05)

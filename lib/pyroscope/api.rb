@@ -44,12 +44,17 @@ module Pyroscope
     end
 
     # Stops sampling and hands the last window to the uploader, without waiting for it.
+    # Whole or not at all: an interrupt (Thread#raise, a trap, Timeout) between the sampler's
+    # stop and the exporter's would leave the exporter running without a sampler; it is
+    # raised once stop is done.
     def stop
-      @lock.synchronize do
-        track_thread_ids(false)
-        Native.stop
-        @exporter&.stop(timeout: 0)
-        @exporter = nil
+      Thread.handle_interrupt(Object => :never) do
+        @lock.synchronize do
+          track_thread_ids(false)
+          Native.stop
+          @exporter&.stop(timeout: 0)
+          @exporter = nil
+        end
       end
       nil
     end
