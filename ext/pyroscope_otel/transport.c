@@ -220,8 +220,8 @@ static void curl_leave(void)
     pthread_mutex_unlock(&mu);
 }
 
-/* Retry-After: delay-seconds or an HTTP date (RFC 9110 §10.2.3), as seconds from now;
- * -1 when absent or unreadable. */
+/* Retry-After: delay-seconds or an HTTP date (RFC 9110 §10.2.3), as seconds from now
+ * (uncapped); -1 when absent or unreadable. */
 static long retry_after_s(const char *v, size_t len)
 {
     char s[64];
@@ -238,7 +238,7 @@ static long retry_after_s(const char *v, size_t len)
     time_t at = curl_getdate(s, NULL);
     if (at == -1) return -1;
     time_t now = time(NULL); /* the date is wall time: read against the wall clock, once */
-    return at <= now ? 0 : at - now > RETRY_AFTER_MAX_S ? RETRY_AFTER_MAX_S : (long)(at - now);
+    return at <= now ? 0 : (long)(at - now);
 }
 
 struct response { long status; long retry_after; };

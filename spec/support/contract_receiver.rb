@@ -126,13 +126,13 @@ class ContractReceiver
   def read_body(client, length)
     case @mode
     in [:stall_body, seconds]
-      half = client.read(length / 2)
+      half = client.read(length / 2) or raise EOFError
       sleep seconds
-      half + client.read(length - half.bytesize)
+      half + (client.read(length - half.bytesize) or raise EOFError)
     in [:trickle, bytes, seconds]
       body = +""
       while body.bytesize < length
-        body << client.read([bytes, length - body.bytesize].min)
+        body << (client.read([bytes, length - body.bytesize].min) or raise EOFError) # a client gone mid-body
         sleep seconds
       end
       body
