@@ -53,8 +53,9 @@
  * touches the parent's multi and easy handles, leaked on purpose (one of each per fork):
  * cleaning them up would end the TLS session on the socket the parent still uses. Its
  * first enqueue starts its own thread with handles of its own. The alternative, a child
- * that only avoids the inherited handles, still deadlocks on an OpenSSL lock the parent's
- * thread held at fork, mid-handshake.
+ * that only avoids the inherited handles, is not enough: a global lock of OpenSSL's or
+ * libcurl's that the parent's thread held at fork (mid-handshake) is never released in
+ * the child, whose own first upload would wait on it forever.
  */
 #include "pyroscope_otel.h"
 #include "export_model.h"
