@@ -227,7 +227,7 @@ static VALUE native_configure_transport(int argc, VALUE *argv, VALUE self)
         if (!n) { curl_slist_free_all(list); rb_raise(rb_eNoMemError, "pyroscope: out of memory"); }
         list = n;
     }
-    po_transport_configure(&c, list);
+    if (po_transport_configure(&c, list) != 0) rb_raise(rb_eNoMemError, "pyroscope: out of memory");
     return Qnil;
 }
 

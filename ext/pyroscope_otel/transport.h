@@ -23,12 +23,11 @@ typedef struct po_transport_stats {
 } po_transport_stats;
 
 void po_transport_init(void);
-void po_transport_configure(const po_transport_config *c, struct curl_slist *headers); /* takes headers */
-int po_transport_enqueue(struct po_model *m, const char *url, const char *log_url);    /* takes m */
+int po_transport_configure(const po_transport_config *c, struct curl_slist *headers); /* takes headers; ENOMEM */
+int po_transport_enqueue(struct po_model *m, const char *url, const char *log_url); /* takes m; EINVAL unconfigured */
 int po_transport_flush(double timeout_s); /* GVL; waits without it; 1 when the queue drained */
 void po_transport_stats_read(po_transport_stats *out, char *err, size_t errlen);
 int po_transport_next_event(int *level, char *msg, size_t len);
-void po_transport_after_fork_child(void);
 
 /* local_store.c, on the uploader thread: one gzipped pprof file of a window at
  * base[.chunk].pb.gz, then the directory pruned to max_bytes. */

@@ -3,37 +3,47 @@
 require "socket"
 require "uri"
 require "json"
+require "openssl"
 require_relative "pprof_decoder"
 
 # A stand-in Pyroscope server on 127.0.0.1 that holds every request to the contract of
 # SPEC §2.1 (POST <base>/ingest, its query, headers, auth, gzip, a pprof within the server's
 # limits) and answers as the real server would, or with a fault:
-#   mode = :ok | [:status, code] | [:retry_after, seconds] | [:stall, seconds] | :cut
+#   mode = :ok | [:status, code] | [:retry_after, seconds] | [:retry_after_date, http_date]
+#          | [:stall, seconds] | [:stall_body, seconds] (after half the body) | :cut
+#          | [:trickle, bytes, seconds] (reads the body `bytes` at a time, a pause between)
 #   refuse! / accept! close and reopen the port (connection refused meanwhile).
-# Each answered request is in `requests` ({params:, headers:, profile:, samples:, status:});
-# contract violations are in `violations` and answered with 400.
+#   tls: an OpenSSL::SSL::SSLContext: https (see TestCA); handshake_delay: seconds before
+#   each TLS handshake is answered.
+# Each answered request is in `requests` ({params:, headers:, profile:, samples:, status:,
+# at: CLOCK_MONOTONIC when its request line arrived}); contract violations are in
+# `violations` and answered with 400.
 class ContractReceiver
   LABEL_NAME = /\A[A-Za-z0-9_.]+\z/
   APP_NAME = %r{\A[A-Za-z0-9_.\-/]+\z}
 
   attr_reader :requests, :violations, :port
-  attr_accessor :mode, :expect_auth, :expect_tenant, :base_path
+  attr_accessor :mode, :expect_auth, :expect_tenant, :base_path, :handshake_delay
 
-  def initialize(base_path: "")
+  def initialize(base_path: "", tls: nil, receive_buffer: nil)
     @base_path = base_path
+    @tls = tls
+    @handshake_delay = 0
     @mode = :ok
     @requests = []
     @violations = []
     @lock = Mutex.new
     @arrived = ConditionVariable.new
     @server = TCPServer.new("127.0.0.1", 0)
+    # accepted connections inherit it: a small one makes a slow reader slow the sender at once
+    @server.setsockopt(Socket::SOL_SOCKET, Socket::SO_RCVBUF, receive_buffer) if receive_buffer
     @port = @server.addr[1]
     @threads = []
     start_accepting
   end
 
   def url
-    "http://127.0.0.1:#{@port}#{@base_path}"
+    "#{@tls ? "https" : "http"}://127.0.0.1:#{@port}#{@base_path}"
   end
 
   def refuse!
@@ -89,22 +99,48 @@ class ContractReceiver
   end
 
   def serve(client)
+    client = secure(client) if @tls
     request_line = client.gets or return
+    arrived = Process.clock_gettime(Process::CLOCK_MONOTONIC)
     method, target, = request_line.split(" ", 3)
     headers = {}
     while (line = client.gets) && line != "\r\n"
       name, value = line.split(":", 2)
       headers[name.strip.downcase] = value.strip
     end
-    body = client.read(Integer(headers.fetch("content-length", "0")))
-    respond(client, method, target, headers, body)
-  rescue IOError, SystemCallError
+    body = read_body(client, Integer(headers.fetch("content-length", "0")))
+    respond(client, method, target, headers, body, arrived)
+  rescue IOError, SystemCallError, OpenSSL::SSL::SSLError
     nil
   ensure
     client.close unless client.closed?
   end
 
-  def respond(client, method, target, headers, body)
+  def secure(client)
+    sleep @handshake_delay
+    ssl = OpenSSL::SSL::SSLSocket.new(client, @tls)
+    ssl.sync_close = true
+    ssl.accept
+  end
+
+  def read_body(client, length)
+    case @mode
+    in [:stall_body, seconds]
+      half = client.read(length / 2) or raise EOFError
+      sleep seconds
+      half + (client.read(length - half.bytesize) or raise EOFError)
+    in [:trickle, bytes, seconds]
+      body = +""
+      while body.bytesize < length
+        body << (client.read([bytes, length - body.bytesize].min) or raise EOFError) # a client gone mid-body
+        sleep seconds
+      end
+      body
+    else client.read(length)
+    end
+  end
+
+  def respond(client, method, target, headers, body, arrived)
     mode = @mode
     case mode
     in [:stall, seconds] then sleep seconds
@@ -120,9 +156,12 @@ class ContractReceiver
     in [:status, code] then status = code
     in [:retry_after, seconds] then status = 429
                                     extra = "Retry-After: #{seconds}\r\n"
+    in [:retry_after_date, date] then status = 503
+                                      extra = "Retry-After: #{date}\r\n"
     else nil
     end
     record[:status] = status
+    record[:at] = arrived
     reply = status == 200 ? "" : JSON.generate(code: status, message: record[:problems].join("; "))
     # recorded before answering: once the client has its answer, the record is there
     @lock.synchronize do
