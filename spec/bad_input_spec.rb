@@ -44,6 +44,7 @@ RSpec.describe "Bad input" do
     local_max_bytes: [0, "1G"],
     max_depth: [0, 5000, "512"],
     max_samples: [1, 1 << 30, 1.0],
+    ca_file: ["/nonexistent/ca.pem", "/tmp", 1],
   }.freeze
 
   it "rejects a wrong type or value for every option, naming it, and starts nothing" do

@@ -9,8 +9,9 @@
  *
  * Fork (atfork child: NOGVL, the child's only thread, async-signal-safe code only): the
  * sampler and the ticker reset themselves, the child is marked forked, and when the
- * sampler was running a postponed job is asked for, so that the `on_fork_child` block
- * restarts profiling in the child also after a fork that bypasses Process._fork (daemon(3)
+ * sampler was running a postponed job is asked for, which restarts sampling and has a
+ * thread run the `on_fork_child` block, so that profiling restarts in the child also
+ * after a fork that bypasses Process._fork (daemon(3)
  * in Process.daemon, a C extension's fork()): the exporter's Ruby thread is gone there
  * and nothing else would. The job (GVL) and the Ruby hooks on _fork and daemon all call
  * `after_fork`, which runs the block once per fork, whichever comes first.
@@ -143,11 +144,12 @@ static VALUE native_thread_cpu_ns(VALUE self)
     return ULL2NUM(po_thread_cpu_ns(po_gettid()));
 }
 
-/* on_fork_child { }: the block each child of fork runs once, as early as it can (GVL). */
+/* on_fork_child { }: the block each child of fork runs once, as early as it can (GVL);
+ * while one is set, a child's sampling restarts. on_fork_child without a block: none. */
 static VALUE native_on_fork_child(VALUE self)
 {
     (void)self;
-    fork_child_block = rb_block_proc();
+    fork_child_block = rb_block_given_p() ? rb_block_proc() : Qnil;
     return Qnil;
 }
 
@@ -157,19 +159,35 @@ static VALUE native_after_fork(VALUE self)
 {
     (void)self;
     if (!forked) return Qfalse;
-    forked = 0; /* first: the block may reach an interrupt check, where the job calls here too */
+    forked = 0; /* first: the block may switch threads, to the job's that calls here too */
     if (!NIL_P(fork_child_block)) rb_proc_call_with_block(fork_child_block, 0, NULL, Qnil);
     return Qtrue;
 }
 
-/* The postponed job: GVL, at the child's first interrupt check. An error is the block's to
- * report; here it can only be dropped (nothing to raise into). */
-static void after_fork_job(void *unused)
+/* The restart's own thread: the job runs where Ruby forbids locking a Mutex (a postponed
+ * job is trap context: Logger, Monitor and the exporter's start raised ThreadError there,
+ * and the child ran on without its exporter). An error is the block's to report; here it
+ * can only be dropped (nothing to raise into). */
+static VALUE after_fork_thread(void *unused)
 {
     (void)unused;
     int state = 0;
     rb_protect(native_after_fork, Qnil, &state);
     if (state) rb_set_errinfo(Qnil);
+    return Qnil;
+}
+
+/* The postponed job: GVL, at the child's first interrupt check (a fork through
+ * Process._fork has usually restarted already). Sampling restarts here, at once, as it
+ * ran in the parent: the child of a bare fork() has no timer thread to hand the GVL to
+ * another thread while it computes. The rest (the exporter, the logger) locks Mutexes,
+ * which a postponed job may not: a thread of its own does it. */
+static void after_fork_job(void *unused)
+{
+    (void)unused;
+    if (!forked || NIL_P(fork_child_block)) return;
+    po_start(po_cfg.interval_ns, po_cfg.max_depth, po_cfg.max_samples, po_cfg.no_signals);
+    rb_thread_create(after_fork_thread, NULL);
 }
 
 static void after_fork_child(void)

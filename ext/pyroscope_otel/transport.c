@@ -611,6 +611,10 @@ static void fork_child(void)
     thread_running = busy = in_curl = paused = quit = 0;
     memset(dests, 0, sizeof(dests));
     ev_count = 0;
+    /* the child's counters count its own windows: a parent's sent or dropped ones are not
+     * the child's to report (a soak compares each process's with what the server holds) */
+    memset(&stats, 0, sizeof(stats));
+    last_error[0] = 0;
 }
 
 void po_transport_init(void)

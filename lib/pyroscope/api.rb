@@ -29,6 +29,10 @@ module Pyroscope
         @exporter = exporter
         @pid = Process.pid
         exporter.start
+        # a child of fork restarts profiling as soon as it can: the extension runs this block
+        # after any fork of a profiling process (also one a C extension makes, from a
+        # postponed job), or the hooks below do, whichever comes first, once
+        Native.on_fork_child { send(:after_fork) }
         track_thread_ids(config.report_thread_id)
         config.meaningless_settings.each do |member, value|
           logger.debug("pyroscope: #{member} = #{value.inspect} has no meaning in-process; ignored")
@@ -44,14 +48,17 @@ module Pyroscope
     end
 
     # Stops sampling and hands the last window to the uploader, without waiting for it.
-    # Whole or not at all: an interrupt (Thread#raise, a trap, Timeout) between the sampler's
-    # stop and the exporter's would leave the exporter running without a sampler; it is
-    # raised once stop is done.
+    # An interrupt (Thread#raise, a trap, Timeout) landing after the sampler's stop would leave
+    # the exporter running without a sampler: the exporter stops in an ensure. (Not
+    # Thread.handle_interrupt(Object => :never): a stop under it, in a child forked from a
+    # non-main thread, hung Ruby 3.1 waiting for the GVL.)
     def stop
-      Thread.handle_interrupt(Object => :never) do
-        @lock.synchronize do
-          track_thread_ids(false)
+      @lock.synchronize do
+        track_thread_ids(false)
+        Native.on_fork_child # a child of a stopped profiler stays stopped
+        begin
           Native.stop
+        ensure
           @exporter&.stop(timeout: 0)
           @exporter = nil
         end
@@ -121,7 +128,7 @@ module Pyroscope
         basic_auth_password: config.basic_auth_password, tenant_id: config.tenant_id, http_headers: config.http_headers,
         tags: tags, upload_interval: config.upload_interval, connect_timeout: config.connect_timeout,
         timeout: config.timeout, queue_max_windows: config.queue_max_windows, queue_max_bytes: config.queue_max_bytes,
-        exit_timeout: config.exit_timeout, local_max_bytes: config.local_max_bytes
+        exit_timeout: config.exit_timeout, local_max_bytes: config.local_max_bytes, ca_file: config.ca_file
       )
     end
 
@@ -197,7 +204,7 @@ module Pyroscope
     # The child of a fork: the extension stopped itself (no timer survives fork) and forgot
     # the parent's window and queue; this starts the child's own profiling and uploads.
     # A failure here must not fail the application's fork (nor can it reach the
-    # application when this runs as the extension's postponed job): it is logged.
+    # application when this runs on the extension's own thread): it is logged.
     def after_fork
       @lock = Monitor.new
       return unless @config && @exporter && @pid != Process.pid
@@ -211,10 +218,6 @@ module Pyroscope
     end
   end
 
-  # A child of fork restarts profiling as soon as it can: the extension runs this block from
-  # a postponed job after any fork of a profiling process (also one a C extension makes), or
-  # from the hooks below, whichever comes first, once.
-  Native.on_fork_child { send(:after_fork) }
 
   # Process._fork is what Kernel#fork, Process.fork and IO.popen("-") go through since Ruby
   # 3.1: the child restarts before its first line runs. Process.daemon forks in C

@@ -11,7 +11,7 @@ module Pyroscope
     :compression, :report_encoding, :autoinstrument_rails, :http_headers,
     # this gem's own
     :logger, :upload_interval, :connect_timeout, :timeout, :queue_max_windows, :queue_max_bytes, :max_depth,
-    :max_samples, :exit_timeout, :local_max_bytes, :no_signals
+    :max_samples, :exit_timeout, :local_max_bytes, :no_signals, :ca_file
   ) do
     def initialize(*)
       super
@@ -96,6 +96,9 @@ module Pyroscope
       end
       %i[auth_token basic_auth_username basic_auth_password tenant_id].each { |m| check_header_value(m) }
       raise ArgumentError, "server_address must be a String URL, got #{server_address.inspect}" unless server_address.is_a?(String)
+      unless ca_file.nil? || (ca_file.is_a?(String) && File.file?(ca_file) && File.readable?(ca_file))
+        raise ArgumentError, "ca_file must be nil (the system's CAs) or a readable PEM file, got #{ca_file.inspect}"
+      end
 
       %i[upload_interval connect_timeout timeout exit_timeout].each { |m| check_number(m, 0.001..86_400) }
       check_integer(:queue_max_windows, 1..100_000)

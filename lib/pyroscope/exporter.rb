@@ -101,8 +101,10 @@ module Pyroscope
       t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC, :nanosecond)
       taken = Native._take_model(@export_opts)
       if taken
-        from = taken.started_at_ns / 1_000_000_000 / @interval * @interval
-        till = final ? [from + 1, -(-taken.ended_at_ns / 1_000_000_000)].max : from + @interval
+        # whole seconds, as the server parses them, also for a sub-second upload_interval
+        aligned = (taken.started_at_ns / 1e9 / @interval).floor * @interval
+        from = aligned.floor
+        till = [from + 1, (final ? taken.ended_at_ns / 1e9 : aligned + @interval).ceil].max
         Native._enqueue_model(taken, url(from, till), log_url)
       end
       @gvl_ns += Process.clock_gettime(Process::CLOCK_MONOTONIC, :nanosecond) - t0

@@ -12,6 +12,7 @@ require_relative "pprof_decoder"
 #   mode = :ok | [:status, code] | [:retry_after, seconds] | [:retry_after_date, http_date]
 #          | [:stall, seconds] | [:stall_body, seconds] (after half the body) | :cut
 #          | [:trickle, bytes, seconds] (reads the body `bytes` at a time, a pause between)
+#          or a lambda giving one of the modes after the body for each request
 #   refuse! / accept! close and reopen the port (connection refused meanwhile).
 #   tls: an OpenSSL::SSL::SSLContext: https (see TestCA); handshake_delay: seconds before
 #   each TLS handshake is answered.
@@ -84,6 +85,11 @@ class ContractReceiver
     accepted.flat_map { |r| r[:samples] }
   end
 
+  # The requests answered so far, forgotten here (a long run keeps only its tallies).
+  def take_requests
+    @lock.synchronize { @requests.slice!(0..) }
+  end
+
   private
 
   def start_accepting
@@ -141,7 +147,7 @@ class ContractReceiver
   end
 
   def respond(client, method, target, headers, body, arrived)
-    mode = @mode
+    mode = @mode.respond_to?(:call) ? @mode.call : @mode
     case mode
     in [:stall, seconds] then sleep seconds
     in :cut
