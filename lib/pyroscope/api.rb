@@ -20,6 +20,7 @@ module Pyroscope
       config = Config.new
       yield config if block_given?
       config.apply_env.validate!
+      Native.after_fork # as in stop
       @lock.synchronize do
         exporter = build_exporter(config) # raises on a bad server_address, before anything changes
         @exporter&.stop(timeout: 0)       # hands the current window to the queue, under the old settings
@@ -53,6 +54,7 @@ module Pyroscope
     # Thread.handle_interrupt(Object => :never): a stop under it, in a child forked from a
     # non-main thread, hung Ruby 3.1 waiting for the GVL.)
     def stop
+      Native.after_fork # a child whose restart has not run yet (a bare fork()'s): restart first, then stop its own
       @lock.synchronize do
         track_thread_ids(false)
         Native.on_fork_child # a child of a stopped profiler stays stopped
