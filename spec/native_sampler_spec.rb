@@ -326,10 +326,10 @@ RSpec.describe "Pyroscope::Native sampler" do
       work.heavy(0.005) while native.stats[:samples] == samples # main now holds a sample reference
       native.stop
       native.start(sample_rate: 1, max_samples: 48, max_depth: 64, **changed)
+      before = thread_cpu # main's labels get its CPU from the start: the thread below's creation too
       # fill the new buffer's first samples with another thread's labels (label changes only:
       # at 1 Hz its timer does not fire in so little CPU)
       Thread.new { 8.times { |i| native.set_labels({ "who" => "other#{i}" }) } }.join
-      before = thread_cpu
       work.heavy(0.2) # at 1 Hz the first expiry is >= 0.5 s of CPU away: no timer sample
       native.set_labels({ "who" => "after" })
       spent = thread_cpu - before
