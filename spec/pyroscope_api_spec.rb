@@ -308,8 +308,8 @@ RSpec.describe Pyroscope do
     end
 
     # A process forked by the test runs the scenario, so that the runner is never daemonized.
-    # Returns the pid the forked process printed and the samples its pid labels.
-    def profile_forked_span(fork_code)
+    # Returns the CPU of the samples its pid labels that are in its span's work.
+    def forked_span_cpu(fork_code)
       out, err, status = run_ruby(<<~RUBY)
         require "pyroscope"
         require "pyroscope/otel"
@@ -345,25 +345,25 @@ RSpec.describe Pyroscope do
       child = out.lines.grep(/\A\d+$/).last.strip
       count = 1
       count += 1 until receiver.wait_for(count).flat_map { |r| r[:samples] }.any? { |s| s[:labels]["pid"] == child }
-      [child, receiver.samples.select { |s| s[:labels]["pid"] == child }]
+      receiver.samples.select { |s| s[:labels]["pid"] == child && s[:labels]["span"] == "ForkedJob" }
+              .select { |s| s[:frames].any? { |f| f[0] == "Object#forked_work" } }.sum { |s| s[:cpu_ns] }
     end
 
     it "keeps profiling a daemon (Process.daemon forks without Process._fork), under its own pid" do
-      child, samples = profile_forked_span(<<~RUBY)
+      cpu = forked_span_cpu(<<~RUBY)
         pid = fork do
           Process.daemon(true, true) # stdout stays open: the spec reads it until the daemon exits
           in_child.call
         end
         Process.wait(pid)
       RUBY
-      in_span = samples.select { |s| s[:labels]["span"] == "ForkedJob" && s[:frames].any? { |f| f[0] == "Object#forked_work" } }
-      expect(in_span.sum { |s| s[:cpu_ns] }).to be > 150_000_000
+      expect(cpu).to be > 150_000_000
     end
 
     it "keeps profiling a child of a C-level fork() (no Process._fork), under its own pid" do
       skip "Ruby >= 3.3 itself hangs a child of a bare fork() of a process with a second thread" if Gem::Version.new(RUBY_VERSION) >= Gem::Version.new("3.3")
 
-      child, samples = profile_forked_span(<<~RUBY)
+      cpu = forked_span_cpu(<<~RUBY)
         bare_fork = Fiddle::Function.new(Fiddle::Handle::DEFAULT["fork"], [], Fiddle::TYPE_INT, need_gvl: true)
         pid = bare_fork.call
         if pid.zero?
@@ -373,8 +373,7 @@ RSpec.describe Pyroscope do
         end
         Process.wait(pid)
       RUBY
-      in_span = samples.select { |s| s[:labels]["span"] == "ForkedJob" && s[:frames].any? { |f| f[0] == "Object#forked_work" } }
-      expect(in_span.sum { |s| s[:cpu_ns] }).to be > 150_000_000
+      expect(cpu).to be > 150_000_000
     end
 
     it "keeps exec private as Kernel has it, and profiling on when exec fails" do
