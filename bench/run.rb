@@ -9,7 +9,7 @@ require "rbconfig"
 require "tempfile"
 require "time"
 
-SCRIPTS = %w[sampler_overhead web_overhead span_processor export_cost memory accuracy attribution].freeze
+SCRIPTS = %w[sampler_overhead web_overhead request_cost span_processor export_cost memory accuracy attribution].freeze
 FILE = File.expand_path("../BENCHMARKS.md", __dir__)
 lib = File.expand_path("../lib", __dir__)
 
