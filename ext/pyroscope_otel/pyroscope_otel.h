@@ -52,6 +52,7 @@ pid_t po_gettid(void);                /* HANDLER-safe; a system call */
 pid_t po_current_tid(void);           /* GVL: the same, cached per thread (label changes) */
 void po_current_tid_after_fork_child(void);
 uint64_t po_realtime_ns(void);
+uint64_t po_monotonic_ns(void);       /* vDSO: no system call */
 int po_mn_threads_enabled(void);      /* M:N threads: native threads shared by Ruby threads */
 
 /* ---- labels.c: immutable, interned, reference-counted label sets ---------------- */
@@ -115,6 +116,9 @@ typedef struct po_thread {
     volatile uint64_t deferred_at_cpu_ns; /* its CPU time when that timer fired */
     timer_t timer;
     uint64_t last_cpu_ns;   /* CPU time already accounted; under po_lock */
+    /* monotonic times: of the last read of its CPU clock at a label change (0: none since
+     * its last sample), and of the moment last_cpu_ns stands for; under po_lock */
+    uint64_t read_mono_ns, accounted_mono_ns;
     po_labelset *labels;    /* the label slot: what its samples carry now; under po_lock */
     po_labelset *base;      /* thread-wide labels, under every fiber's own; under po_lock */
     struct po_fiber_labels *fiber; /* labels of the fiber running on it, NULL if it has none */
