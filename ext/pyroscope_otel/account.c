@@ -12,7 +12,7 @@
  * 2. A label change, a fiber switch or a thread's exit (GVL, or NOGVL for exits): the CPU
  *    used since the thread's previous sample is charged to the *old* labels, count 0, so
  *    that a span shorter than the sample interval keeps its CPU. Its stack: the old
- *    labels' last sample when they had one; else a stack sampled recently in spans of the
+ *    labels' last sample (taken, or charged by a change) when they had one; else a stack sampled recently in spans of the
  *    same kind (attribution.c); else, for a kind never sampled yet, where the labels
  *    changed (own frames trimmed), held until the kind's first stack. A change within
  *    PO_BOUNDED_NS of the thread's last CPU clock read at a change (a span starting, then
@@ -222,8 +222,9 @@ static uint64_t cpu_now_for_change(po_thread *t)
 }
 
 /* Under po_lock: charges the CPU since the thread's last sample to its current labels
- * (count 0): to that sample when it was taken under them in this window, else to a stack
- * drawn from the recent samples of its labels' kind (attribution.c), else to the fallback. */
+ * (count 0): to that sample when it was taken or charged under them in this window (the
+ * first charge becomes it), else to a stack drawn from the recent samples of its labels'
+ * kind (attribution.c), else to the fallback. */
 static void charge_tail_locked(po_thread *t, enum tail_site site)
 {
     if (!po_running || !t->tracked || !po_active) return;
@@ -234,17 +235,25 @@ static void charge_tail_locked(po_thread *t, enum tail_site site)
     po_sample *last = po_agg_sample(po_active, t->last);
     if (last) {
         last->cpu_ns += tail;
+        /* a charge where the labels changed, held for its kind's first stack: so is this */
+        if (!last->count) po_attr_hold(po_active, kind_of(t), t->last, tail);
     } else {
         uint64_t kind = kind_of(t);
         uint32_t stack = po_attr_draw(po_active, kind);
+        uint32_t idx;
         if (stack != UINT32_MAX) {
-            po_agg_record_stack(po_active, stack, t->labels, tail, 0);
+            idx = po_agg_record_stack(po_active, stack, t->labels, tail, 0);
             po_stat_drawn_flushes++;
         } else {
-            uint32_t idx = po_agg_record_stack(po_active, fallback_stack(site), t->labels, tail, 0);
+            idx = po_agg_record_stack(po_active, fallback_stack(site), t->labels, tail, 0);
             po_attr_hold(po_active, kind, po_agg_ref(po_active, idx), tail);
             po_stat_boundary_flushes++;
         }
+        /* the labels' later tails join it (a span's, around the tags set inside it): one
+         * walk and one sample per span, not one per change (measured: a request with a
+         * tag_wrapper in its span made 3 samples, each with the span's id, for the window
+         * to hold and the export to carry) */
+        t->last = po_agg_ref(po_active, idx);
     }
     t->last_cpu_ns = now;
     po_stat_label_flushes++;

@@ -67,10 +67,11 @@ module Pyroscope
     end
 
     def tag_wrapper(tags)
-      previous = change_tags(Thread.current, tags)
+      fiber_labels = Native.fiber_labels # the block and the ensure run on this fiber
+      previous = change_fiber_tags(fiber_labels, tags)
       yield
     ensure
-      change_tags(Thread.current, previous) if previous
+      change_fiber_tags(fiber_labels, previous) if previous
     end
 
     # _add_tags(tags) for the calling thread (pyroscope-otel 0.2, pyroscope 1.x), or
