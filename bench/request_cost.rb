@@ -102,6 +102,8 @@ MODES.each do |mode|
                           c["timer re-arms"], c["signals"]) }
   next if mode == "none"
 
+  rows << { bench: "cost", metric: "#{mode}: instructions per request, ratio to none",
+            value: format("%.4f", c["instructions"] / per_request["none"]["instructions"]) }
   rows << { bench: "cost", metric: "#{mode}: modelled CPU per request, added µs; ratio to none",
             value: format("%+.1f; %.4f", (model[mode] - model["none"]) / 1e3, model[mode] / model["none"]),
             target: ("≤ 1.02" if mode == "profiled"), met: (model[mode] / model["none"] <= 1.02 if mode == "profiled") }
