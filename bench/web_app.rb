@@ -4,6 +4,8 @@
 # in-process): a root OpenTelemetry span per request of ~0.7 ms CPU (WEB_WORK times that),
 # profiled per mode:
 #   none       the OTel SDK only
+#   loaded     the OTel SDK, this gem and its processor loaded, not used (what loading costs:
+#              its long-lived objects make a small heap collect more often)
 #   profiled   this gem (local target) + its span processor + `tag_wrapper` per request
 #   processor  this gem's span processor only, not sampling
 #   sampler    this gem sampling + `tag_wrapper`, no span processor
@@ -14,7 +16,7 @@ require "logger"
 require "opentelemetry/sdk"
 
 module WebApp
-  MODES = %w[none profiled processor sampler grafana datadog].freeze
+  MODES = %w[none loaded profiled processor sampler grafana datadog].freeze
   TAGS = { "route" => "rides" }.freeze
   WORK = Integer(ENV.fetch("WEB_WORK", "1"))
 
@@ -31,7 +33,7 @@ module WebApp
   def build(mode, dir, sink, sample_rate: 100, upload_interval: 10)
     abort "mode: #{MODES.join(", ")}" unless MODES.include?(mode)
     ENV["OTEL_TRACES_EXPORTER"] = "none"
-    if %w[profiled processor sampler grafana].include?(mode)
+    if %w[loaded profiled processor sampler grafana].include?(mode)
       require "pyroscope"
       require "pyroscope/otel"
     end

@@ -56,7 +56,7 @@ Dir.mktmpdir("bench-web") do |dir|
 end
 ratio = ->(mode, key) { runs[mode].zip(runs["none"]).map { |b, a| b[key] / a[key] } }
 spread = ->(xs, f = 0) { Bench.spread(xs, f) }
-NAMES = { "none" => "none (OTel SDK)", "profiled" => "this gem (sampler + processor + tag_wrapper)",
+NAMES = { "none" => "none (OTel SDK)", "loaded" => "this gem loaded, unused", "profiled" => "this gem (sampler + processor + tag_wrapper)",
           "processor" => "this gem, processor only", "sampler" => "this gem, sampler + tag_wrapper only",
           "grafana" => "Grafana pyroscope 1.1.7 + pyroscope-otel 0.2.0", "datadog" => "dd-trace-rb 2.47 profiler, defaults" }.freeze
 work = Integer(ENV.fetch("WEB_WORK", "1"))
