@@ -1,9 +1,12 @@
 # frozen_string_literal: true
 
 # One timed run of the fixed CPU-bound workload for bench/sampler_overhead.rb, in its own
-# process (this gem and stackprof both use SIGPROF, so each run gets a fresh process).
-#   ruby -Ilib bench/overhead_worker.rb none|gem|stackprof ROUNDS   -> JSON on stdout
-#   ruby -Ilib bench/overhead_worker.rb calibrate SECONDS            -> ROUNDS for ~SECONDS
+# process (this gem and stackprof both use SIGPROF, so each run gets a fresh process). Its
+# cost is the process's CPU: Grafana's and Datadog's samplers run in threads of their own.
+#   ruby -Ilib bench/overhead_worker.rb MODE ROUNDS        -> JSON on stdout
+#     MODE: none, gem, stackprof, grafana (Grafana's `pyroscope` 1.x, without -Ilib),
+#     datadog (dd-trace-rb's profiler, DD_* from the caller)
+#   ruby -Ilib bench/overhead_worker.rb calibrate SECONDS  -> ROUNDS for ~SECONDS
 require "json"
 
 def fib(n) = n < 2 ? n : fib(n - 1) + fib(n - 2)
@@ -18,7 +21,7 @@ def workload(rounds)
 end
 
 mode, arg = ARGV
-cpu = -> { Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID) }
+cpu = -> { Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) }
 if mode == "calibrate"
   t = cpu.call
   workload(20_000)
@@ -35,9 +38,16 @@ when "gem"
 when "stackprof"
   require "stackprof"
   StackProf.start(mode: :cpu, interval: 10_000) # µs: 100 Hz
+when "grafana"
+  require "pyroscope"
+  Pyroscope.configure do |c|
+    c.application_name = "bench.cpu"
+    c.server_address = ENV.fetch("SINK")
+  end
+when "datadog" then require "datadog/profiling/preload"
 when "loaded" then require "pyroscope" # the gem loaded, not sampling
 when "none" then nil
-else abort "mode: none, gem or stackprof"
+else abort "mode: none, gem, stackprof, grafana or datadog"
 end
 c0 = cpu.call
 w0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)

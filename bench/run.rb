@@ -9,7 +9,7 @@ require "rbconfig"
 require "tempfile"
 require "time"
 
-SCRIPTS = %w[sampler_overhead web_overhead span_processor export_cost memory accuracy attribution].freeze
+SCRIPTS = %w[sampler_overhead web_overhead request_cost span_processor export_cost memory accuracy attribution].freeze
 FILE = File.expand_path("../BENCHMARKS.md", __dir__)
 lib = File.expand_path("../lib", __dir__)
 
@@ -44,8 +44,10 @@ intro = <<~MD
   (A B A B …), reported as median (min–max); ratios are to the unprofiled run. These machines
   are noisy: compare ratios, not absolute times. The scripts' headers say what each measures.
 MD
-sections = File.exist?(FILE) ? File.read(FILE).split(/^(?=## Ruby )/).drop(1) : []
+# Sections written by hand (notes: the peers, where the cost goes) come first and are kept.
+sections = File.exist?(FILE) ? File.read(FILE).split(/^(?=## )/).drop(1) : []
+notes, sections = sections.partition { |s| !s.start_with?("## Ruby ") }
 sections.reject! { |s| s.start_with?("#{heading}\n") }
 sections << section
-File.write(FILE, ([intro] + sections.sort_by { |s| Gem::Version.new(s[/\d+\.\d+\.\d+/]) }).join("\n"))
+File.write(FILE, ([intro] + notes + sections.sort_by { |s| Gem::Version.new(s[/\d+\.\d+\.\d+/]) }).join("\n"))
 puts "written to #{FILE}"

@@ -1,75 +1,86 @@
 # frozen_string_literal: true
 
-# Threaded web overhead: bench/web_server.rb (Puma, 8 threads, OTel) without profiling and
-# with this gem profiling it plus the span processor, under the same fixed load from this
-# process (8 keep-alive clients for a fixed time), interleaved none, profiled, none, ...
-# Prints requests/s and p50/p99 latency, and the profiled/none ratios: median (min–max).
-#   ruby -Ilib bench/web_overhead.rb [pairs] [seconds per run]
-require "net/http"
-require "rbconfig"
+# Threaded web overhead against the peers: bench/web_server.rb (Puma, 8 threads, OTel SDK,
+# a root span per request) in every mode (none, this gem, its processor only, its sampler
+# only, Grafana's gems, dd-trace-rb's profiler), each under the same fixed load from `wrk`
+# (1 thread, 8 keep-alive connections, one URL) for a fixed time after a 1 s warm-up,
+# modes interleaved round by round in fresh servers. Per mode: the server's CPU per request
+# (every thread's, measured by the server around the timed load), requests/s and p99, as
+# median (min–max) over the rounds, and the ratio to `none` of the same round (pair).
+#   ruby -Ilib bench/web_overhead.rb [rounds] [seconds per run]
+#   WEB_MODES=none,profiled  WEB_WORK=8 (×0.7 ms CPU per request)  WEB_THREADS=32
 require "tmpdir"
 require_relative "support"
+require_relative "peers"
 
-PAIRS = Integer(ARGV[0] || (Bench.quick? ? 2 : 5))
-SECONDS = Float(ARGV[1] || (Bench.quick? ? 2 : 8))
-CLIENTS = 8
+ROUNDS = Integer(ARGV[0] || (Bench.quick? ? 2 : 5))
+SECONDS = Integer(ARGV[1] || (Bench.quick? ? 2 : 8))
+CONNECTIONS = 8
 SERVER = File.expand_path("web_server.rb", __dir__)
-LIB = File.expand_path("../lib", __dir__)
+MODES = ENV.fetch("WEB_MODES", "none,profiled,processor,sampler,grafana,datadog").split(",")
+abort "wrk not found (apt-get install wrk)" unless system("wrk --version", out: File::NULL, err: File::NULL) || $?.exitstatus == 1
 
-def percentile(sorted, p) = sorted[[(sorted.size * p).ceil - 1, 0].max]
+def wrk(port, seconds)
+  out = IO.popen(["wrk", "-t1", "-c#{CONNECTIONS}", "-d#{seconds}s", "--latency", "http://127.0.0.1:#{port}/rides?7"], &:read)
+  unit = { "us" => 1e-6, "ms" => 1e-3, "s" => 1.0, "m" => 60.0 }
+  { requests: Integer(out[/(\d+) requests in/, 1]),
+    p99: Float(out[/^\s+99%\s+([\d.]+)/, 1]) * unit.fetch(out[/^\s+99%\s+[\d.]+(\w+)/, 1]),
+    errors: out[/Non-2xx or 3xx responses: (\d+)/, 1].to_i + out[/Socket errors: .*/].to_s.scan(/\d+/).sum(&:to_i) }
+end
 
-def run(mode, dir)
-  io = IO.popen([RbConfig.ruby, "-I", LIB, SERVER, mode, dir], "r+")
+def run(mode, dir, sink)
+  env, ruby = Peers.command(mode, sink)
+  io = IO.popen(env, [*ruby, SERVER, mode, dir, sink], "r+", err: File::NULL)
   port = Integer(io.gets)
-  latencies = Array.new(CLIENTS) { [] }
-  Array.new(CLIENTS) { 1 }.each_with_index.map do |_, i|
-    Thread.new do
-      Net::HTTP.start("127.0.0.1", port) { |h| 20.times { |k| h.get("/warm?#{k}") } }
-      sleep 0.2
-      Net::HTTP.start("127.0.0.1", port) do |http|
-        stop_at = Bench.mono + SECONDS
-        k = i
-        while (t = Bench.mono) < stop_at
-          http.get("/rides?#{k += 1}")
-          latencies[i] << Bench.mono - t
-        end
-      end
-    end
-  end.each(&:join)
+  wrk(port, 1)
+  cpu = lambda do
+    io.puts
+    io.gets.split.map { |x| Float(x) }
+  end
+  cpu0, own0 = cpu.call
+  load = wrk(port, SECONDS)
+  cpu1, own1 = cpu.call
   io.close_write
-  server_cpu = Float(io.gets)
-  sampler_cpu = Float(io.gets)
   io.read
   io.close
-  all = latencies.flatten.sort
-  { rps: all.size / SECONDS, p50: percentile(all, 0.5), p99: percentile(all, 0.99), cpu_per_req: server_cpu / all.size,
-    sampler_share: sampler_cpu / server_cpu }
+  raise "#{mode}: #{load[:errors]} failed requests" if load[:errors].positive?
+
+  { cpu_per_req: (cpu1 - cpu0) / load[:requests], rps: load[:requests].fdiv(SECONDS), p99: load[:p99],
+    own_share: (own1 - own0) / (cpu1 - cpu0) }
 end
 
 runs = Hash.new { |h, k| h[k] = [] }
+sink = Peers.start_sink
 Dir.mktmpdir("bench-web") do |dir|
-  modes = ENV.fetch("WEB_MODES", "none,profiled").split(",")
-  PAIRS.times { modes.each { |mode| runs[mode] << run(mode, dir) } }
+  ROUNDS.times { MODES.each { |mode| runs[mode] << run(mode, dir, sink) } }
 end
-ratios = ->(key) { runs["profiled"].zip(runs["none"]).map { |b, a| b[key] / a[key] } }
-rps = ratios.call(:rps)
-p99 = ratios.call(:p99)
-ms = ->(mode, key) { format("%.2f ms", Bench.median(runs[mode].map { |r| r[key] }) * 1000) }
-puts "Threaded web overhead, Ruby #{RUBY_VERSION}: Puma 8 threads + OTel SDK, #{CLIENTS} clients, " \
-     "#{PAIRS} interleaved pairs of #{SECONDS} s"
-Bench.report([
-  { bench: "web", metric: "requests/s, none → profiled",
-    value: "#{Bench.median(runs["none"].map { |r| r[:rps] }).round} → #{Bench.median(runs["profiled"].map { |r| r[:rps] }).round}" },
-  { bench: "web", metric: "throughput ratio, profiled / none", value: Bench.spread(rps, 3), target: "≥ 0.99",
-    met: Bench.median(rps) >= 0.99 },
-  { bench: "web", metric: "server CPU per request (incl. start-up), none → profiled",
-    value: "#{(Bench.median(runs["none"].map { |r| r[:cpu_per_req] }) * 1e6).round} µs → " \
-           "#{(Bench.median(runs["profiled"].map { |r| r[:cpu_per_req] }) * 1e6).round} µs" },
-  { bench: "web", metric: "sampler's own CPU, % of the profiled server's",
-    value: Bench.spread(runs["profiled"].map { |r| r[:sampler_share] * 100 }, 3), target: "≤ 1 %",
-    met: Bench.median(runs["profiled"].map { |r| r[:sampler_share] }) <= 0.01 },
-  { bench: "web", metric: "p50 latency, none → profiled", value: "#{ms.call("none", :p50)} → #{ms.call("profiled", :p50)}" },
-  { bench: "web", metric: "p99 latency, none → profiled", value: "#{ms.call("none", :p99)} → #{ms.call("profiled", :p99)}" },
-  { bench: "web", metric: "p99 ratio, profiled / none", value: Bench.spread(p99, 3), target: "≤ 1.02",
-    met: Bench.median(p99) <= 1.02 },
-])
+ratio = ->(mode, key) { runs[mode].zip(runs["none"]).map { |b, a| b[key] / a[key] } }
+spread = ->(xs, f = 0) { Bench.spread(xs, f) }
+NAMES = { "none" => "none (OTel SDK)", "loaded" => "this gem loaded, unused", "profiled" => "this gem (sampler + processor + tag_wrapper)",
+          "processor" => "this gem, processor only", "sampler" => "this gem, sampler + tag_wrapper only",
+          "grafana" => "Grafana pyroscope 1.1.7 + pyroscope-otel 0.2.0", "datadog" => "dd-trace-rb 2.47 profiler, defaults" }.freeze
+work = Integer(ENV.fetch("WEB_WORK", "1"))
+threads = Integer(ENV.fetch("WEB_THREADS", "8"))
+tag = work == 1 && threads == 8 ? "web" : "web ×#{work} work, #{threads} threads"
+puts "Threaded web overhead, Ruby #{RUBY_VERSION}: Puma #{threads} threads + OTel SDK, wrk #{CONNECTIONS} connections, " \
+     "#{ROUNDS} interleaved rounds of #{SECONDS} s"
+rows = MODES.flat_map do |mode|
+  r = runs[mode]
+  row = [{ bench: tag, metric: "#{NAMES[mode]}: CPU µs/request",
+           value: spread.call(r.map { |x| x[:cpu_per_req] * 1e6 }, 0) }]
+  unless mode == "none"
+    cpu = ratio.call(mode, :cpu_per_req)
+    met = (Bench.median(cpu) <= 1.02 && %w[grafana datadog].all? { |p| !runs.key?(p) || Bench.median(cpu) < Bench.median(ratio.call(p, :cpu_per_req)) } if mode == "profiled")
+    row << { bench: tag, metric: "… CPU/request ratio to none", value: spread.call(cpu, 3),
+             target: ("≤ 1.02, below the peers" if mode == "profiled"), met: met }
+  end
+  row << { bench: tag, metric: "… requests/s; p99 ms",
+           value: "#{spread.call(r.map { |x| x[:rps] })}; #{spread.call(r.map { |x| x[:p99] * 1e3 }, 2)}" }
+  row
+end
+if runs.key?("profiled")
+  rows << { bench: tag, metric: "this gem's sampler's own CPU, % of the server's",
+            value: spread.call(runs["profiled"].map { |x| x[:own_share] * 100 }, 3), target: "≤ 1 %",
+            met: Bench.median(runs["profiled"].map { |x| x[:own_share] }) <= 0.01 }
+end
+Bench.report(rows)

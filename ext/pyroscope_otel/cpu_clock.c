@@ -4,7 +4,8 @@
  * Linux encodes a thread's CPU clock id from its tid (what glibc's pthread_getcpuclockid
  * computes), which lets us read and time threads we know only by Thread#native_thread_id.
  * A thread-CPU clock read is a system call (1.5–3 µs on the dev VMs): callers read it once
- * per event. po_gettid is async-signal-safe (HANDLER); po_current_tid caches it per
+ * per event, and label changes in quick succession not at all (account.c); the monotonic
+ * clock is read through the vDSO (~25 ns). po_gettid is async-signal-safe (HANDLER); po_current_tid caches it per
  * native thread for the GVL paths (label changes). And whether native threads are the
  * Ruby threads' own (not under M:N threads), which all of this assumes: Ruby >= 3.3 runs
  * the main Ractor's threads M:N when RUBY_MN_THREADS is any number above 0 (its own
@@ -58,6 +59,13 @@ uint64_t po_realtime_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t po_monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 

@@ -57,6 +57,7 @@ int po_mn_threads_enabled(void);      /* M:N threads in the main Ractor: native 
 /* GVL (or the RESUMED hook, on the thread): the calling Ruby thread may share its native
  * thread, under M:N threads or in a Ractor other than the main one */
 int po_shares_native_thread(void);
+uint64_t po_monotonic_ns(void);       /* vDSO: no system call */
 
 /* ---- labels.c: immutable, interned, reference-counted label sets ---------------- */
 #define PO_MAX_LABELS 100       /* the server's labels-per-sample limit */
@@ -119,6 +120,9 @@ typedef struct po_thread {
     volatile uint64_t deferred_at_cpu_ns; /* its CPU time when that timer fired */
     timer_t timer;
     uint64_t last_cpu_ns;   /* CPU time already accounted; under po_lock */
+    /* monotonic times: of the last read of its CPU clock at a label change (0: none since
+     * its last sample), and of the moment last_cpu_ns stands for; under po_lock */
+    uint64_t read_mono_ns, accounted_mono_ns;
     po_labelset *labels;    /* the label slot: what its samples carry now; under po_lock */
     po_labelset *base;      /* thread-wide labels, under every fiber's own; under po_lock */
     struct po_fiber_labels *fiber; /* labels of the fiber running on it, NULL if it has none */
