@@ -254,6 +254,24 @@ RSpec.describe "Pyroscope::Native sampler" do
     expect(native.stats[:label_sets]).to be <= label_sets
   end
 
+  it "charges a GC's CPU to the code that allocated, under a (garbage collection) leaf" do
+    # The sample deferred during a GC is taken after it: by the GC's exit hook on Ruby >= 3.3,
+    # by a postponed job on 3.1/3.2 (where a GC hook would slow every allocation).
+    native.start(sample_rate: 250)
+    gc_before = GC.count
+    work.allocate_garbage(1.5)
+    native.stop
+    expect(GC.count - gc_before).to be > 50
+    samples = take_samples
+    gc = samples.select { |frames, *| frames.first.first == "(garbage collection)" }
+    gc_cpu = gc.sum { |s| s[2] }
+    expect(gc_cpu).to be > 0
+    expect(gc.count { |frames, *| frames.size == 1 }).to eq(0)
+    under_allocator = gc.select { |frames, *| on_stack?(frames, "allocate_garbage") }.sum { |s| s[2] }
+    expect(under_allocator.to_f / gc_cpu).to be >= 0.9
+    expect(samples.sum { |s| s[2] } / 1e9).to be_within(0.15).of(1.5)
+  end
+
   it "truncates stacks deeper than max_depth with a visible marker" do
     native.start(max_depth: 64)
     work.recurse(200, 0.1)

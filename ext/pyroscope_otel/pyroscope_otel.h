@@ -211,7 +211,7 @@ int po_signal_installed(void);
  * PO_MAX_SKIP, never the last). Keeps at most max_depth + 1 (the extra one a truncation
  * marker); buffers hold max_depth + 1 + PO_MAX_SKIP. Returns the count. */
 #define PO_STACK_TRIM_OWN 1  /* trim_own below */
-#define PO_STACK_GC_ENDING 2 /* in the GC's exit hook: walk, the VM is consistent again */
+#define PO_STACK_GC_ENDING 2 /* a GC sample taken after the GC (its exit hook, or the job): walk */
 int po_stack_capture(VALUE *frames, int *lines, int max_depth, int flags);
 void po_stack_set_own_paths(VALUE paths); /* GVL; Array of String prefixes */
 VALUE po_frame_name(VALUE frame, int line); /* GVL: "Class#method", or a synthetic frame's name */
@@ -336,6 +336,7 @@ void po_thread_events_stop(void);  /* GVL, on stop */
 /* ---- gc_events.c: the end of each GC, where a sample deferred during it is taken ---- */
 void po_gc_events_start(void); /* GVL */
 void po_gc_events_stop(void);  /* GVL */
+void po_gc_events_deferred(void); /* HANDLER, on the thread running the GC: a GC sample was deferred */
 
 /* ---- ticker.c: the signal-free trigger (Ruby >= 3.3) ---------------------------------- */
 int po_ticker_start(long interval_ns); /* GVL; 0 when this Ruby cannot do it */

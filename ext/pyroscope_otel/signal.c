@@ -27,7 +27,10 @@ static void on_sigprof(int sig, siginfo_t *info, void *ucontext)
         int slot = info->si_value.sival_int;
         if (slot >= 0 && slot < PO_MAX_THREADS) {
             po_thread *t = &po_threads[slot];
-            if (t->tid != 0 && t->tid == po_gettid()) po_sample_from_handler(t);
+            if (t->tid != 0 && t->tid == po_gettid()) {
+                po_sample_from_handler(t);
+                if (t->deferred == PO_DEFER_GC) po_gc_events_deferred();
+            }
         }
     }
     errno = saved_errno;

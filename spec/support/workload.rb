@@ -12,6 +12,14 @@ class Workload
   def find_nearest_scooter(seconds) = burn(seconds)
   def find_nearest_car(seconds) = burn(seconds)
 
+  # Short-lived garbage for `seconds` of CPU, enough to run a minor GC every few ms.
+  def allocate_garbage(seconds)
+    stop_at = thread_cpu + seconds
+    kept = nil
+    kept = Array.new(64) { |i| "s#{i}" } while thread_cpu < stop_at
+    kept
+  end
+
   def recurse(depth, seconds)
     depth.zero? ? burn(seconds) : recurse(depth - 1, seconds)
   end
