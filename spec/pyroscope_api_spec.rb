@@ -195,6 +195,21 @@ RSpec.describe Pyroscope do
       expect(Pyroscope::Native.labels).to eq({})
     end
 
+    it "takes any key and value by to_s, removes nil ones, keeps tags set inside it, and names a bad argument" do
+      described_class.tag_wrapper({ "kept" => "k", "gone" => "g" }) do
+        described_class.tag_wrapper({ 7 => 1.5, a: :b, "a" => "later", "gone" => nil }) do
+          expect(Pyroscope::Native.labels).to eq("kept" => "k", "7" => "1.5", "a" => "later")
+          described_class._add_tags({ "inside" => "i" })
+        end
+        expect(Pyroscope::Native.labels).to eq("kept" => "k", "gone" => "g", "inside" => "i")
+        expect { described_class.tag_wrapper([%w[a b]]) { raise "not reached" } }
+          .to raise_error(ArgumentError, /tags must be a Hash, got \[\["a", "b"\]\]/)
+        expect { described_class.tag_wrapper({ "" => "x" }) { raise "not reached" } }.to raise_error(ArgumentError, /key must not be empty/)
+        expect(Pyroscope::Native.labels).to eq("kept" => "k", "gone" => "g", "inside" => "i")
+      end
+      expect(Pyroscope::Native.labels).to eq("inside" => "i")
+    end
+
     it "puts a tag on exactly the samples taken while it was set" do
       described_class.tag_wrapper({ "vehicle" => "bike" }) { work.worker_one(0.15) }
       work.worker_two(0.15)

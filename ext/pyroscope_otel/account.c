@@ -245,7 +245,13 @@ static void charge_tail_locked(po_thread *t, enum tail_site site)
             idx = po_agg_record_stack(po_active, stack, t->labels, tail, 0);
             po_stat_drawn_flushes++;
         } else {
-            idx = po_agg_record_stack(po_active, fallback_stack(site), t->labels, tail, 0);
+            /* walked once per kind (attribution.c) */
+            uint32_t boundary = site == TAIL_HERE ? po_attr_boundary(po_active, kind) : UINT32_MAX;
+            if (boundary == UINT32_MAX) {
+                boundary = fallback_stack(site);
+                if (site == TAIL_HERE) po_attr_set_boundary(po_active, kind, boundary);
+            }
+            idx = po_agg_record_stack(po_active, boundary, t->labels, tail, 0);
             po_attr_hold(po_active, kind, po_agg_ref(po_active, idx), tail);
             po_stat_boundary_flushes++;
         }

@@ -94,7 +94,7 @@ static const rb_data_type_t span_labels_type = {
 void po_label_slots_mark(void)
 {
     po_lock();
-    for (int i = 0; i < PO_MAX_THREADS; i++)
+    for (int i = 0; i < po_threads_high_water; i++) /* not all 4 096 at every GC */
         if (po_threads[i].tid && po_threads[i].fiber_obj) rb_gc_mark(po_threads[i].fiber_obj);
     po_unlock();
 }
@@ -282,13 +282,42 @@ static po_thread *begin_change(VALUE obj)
 
 struct tags_arg {
     VALUE obj, labels;
+    int apply;       /* labels are changes to the fiber's tags, not all of them */
+    VALUE previous;  /* when applied: the changed keys' previous values */
+    po_labelset *base;
 };
+
+static VALUE apply_changes(VALUE p)
+{
+    struct tags_arg *a = (struct tags_arg *)p;
+    return (VALUE)po_labelset_apply(a->base, a->labels, &a->previous);
+}
+
+static VALUE drop_base(VALUE p)
+{
+    struct tags_arg *a = (struct tags_arg *)p;
+    po_lock();
+    po_labelset_unref(a->base);
+    po_unlock();
+    return Qnil;
+}
+
+/* the fiber's tags with the changes applied; its current set is held meanwhile: a tag's
+ * to_s may run Ruby code, and so let another thread change them */
+static po_labelset *applied(struct tags_arg *a, po_fiber_labels *f)
+{
+    po_lock();
+    a->base = f->tags;
+    po_labelset_ref(a->base);
+    po_unlock();
+    return (po_labelset *)rb_ensure(apply_changes, (VALUE)a, drop_base, (VALUE)a);
+}
 
 static VALUE set_tags(VALUE p)
 {
     struct tags_arg *a = (struct tags_arg *)p;
-    po_labelset *tags = po_labelset_from_hash(a->labels);
     po_fiber_labels *f = fiber_labels_of(a->obj);
+    po_labelset *tags = a->apply ? applied(a, f) : po_labelset_from_hash(a->labels);
     po_lock();
     po_labelset_unref(f->tags);
     f->tags = tags;
@@ -303,11 +332,13 @@ static VALUE end_change(VALUE t)
     return Qnil;
 }
 
-static void change_tags(VALUE obj, VALUE labels)
+/* the previous values of the keys changed when apply, else nil */
+static VALUE change_tags(VALUE obj, VALUE labels, int apply)
 {
     fiber_labels_of(obj);
-    struct tags_arg a = { obj, labels };
+    struct tags_arg a = { obj, labels, apply, Qnil, NULL };
     rb_ensure(set_tags, (VALUE)&a, end_change, (VALUE)begin_change(obj));
+    return a.previous;
 }
 
 /* set_labels(hash_or_nil): the calling fiber's tags. */
@@ -315,7 +346,7 @@ static VALUE native_set_labels(VALUE self, VALUE labels)
 {
     (void)self;
     current_entry();
-    change_tags(current_object(1), labels);
+    change_tags(current_object(1), labels, 0);
     return Qnil;
 }
 
@@ -332,8 +363,17 @@ static VALUE native_fiber_labels(VALUE self)
 static VALUE native_set_fiber_labels(VALUE self, VALUE obj, VALUE labels)
 {
     (void)self;
-    change_tags(obj, labels);
+    change_tags(obj, labels, 0);
     return Qnil;
+}
+
+/* change_fiber_tags(fiber_labels, tags): tags merged into that fiber's (a nil value
+ * removes the key); returns the previous values of the keys changed (nil for absent),
+ * which restore them when passed back. */
+static VALUE native_change_fiber_tags(VALUE self, VALUE obj, VALUE tags)
+{
+    (void)self;
+    return change_tags(obj, tags, 1);
 }
 
 struct push_arg {
@@ -512,6 +552,7 @@ void po_label_slots_init(VALUE mNative)
     rb_define_singleton_method(mNative, "labels", native_labels, 0);
     rb_define_singleton_method(mNative, "fiber_labels", native_fiber_labels, 0);
     rb_define_singleton_method(mNative, "set_fiber_labels", native_set_fiber_labels, 2);
+    rb_define_singleton_method(mNative, "change_fiber_tags", native_change_fiber_tags, 2);
     rb_define_singleton_method(mNative, "set_thread_labels", native_set_thread_labels, 2);
     rb_define_singleton_method(mNative, "push_span", native_push_span, -1);
     rb_define_singleton_method(mNative, "pop_span", native_pop_span, 1);

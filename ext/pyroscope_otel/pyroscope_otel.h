@@ -88,6 +88,10 @@ void po_label_pair(VALUE *key, VALUE *value); /* GVL: checks and converts one pa
 po_labelset *po_labelset_merge(const po_labelset *base, const po_labelset *over);
 uint64_t po_labelset_kind(const po_labelset *ls); /* NULL ok: the kind of no labels */
 void po_labelset_add_id_key(const char *key, long len); /* GVL; may raise: sets built later leave it out of their kind */
+/* GVL: base with `changes` applied (a Hash of tags: any key or value by its to_s, nil
+ * removes the key); a new reference, NULL when empty. *previous (unless NULL) gets the
+ * changed keys' values in base (nil where absent): applied, they restore them. May raise. */
+po_labelset *po_labelset_apply(const po_labelset *base, VALUE changes, VALUE *previous);
 VALUE po_labelset_to_hash(const po_labelset *ls); /* GVL */
 void po_labelset_ref(po_labelset *ls);            /* under po_lock; NULL ok */
 void po_labelset_unref(po_labelset *ls);          /* under po_lock; NULL ok; may free */
@@ -140,6 +144,7 @@ typedef struct po_thread {
 } po_thread;
 
 extern po_thread po_threads[PO_MAX_THREADS];
+extern int po_threads_high_water; /* under po_lock: entries at or above it have never been used */
 
 /* GVL, or a thread event hook about the calling thread (3.2+): the calling thread's entry */
 po_thread *po_thread_current(int create);
@@ -271,6 +276,8 @@ void po_attr_note(po_agg *a, uint64_t kind, uint32_t stack); /* a timer sample's
 /* the fallback sample that took cpu_ns of a kind without a stack yet */
 void po_attr_hold(po_agg *a, uint64_t kind, po_sample_ref sample, uint64_t cpu_ns);
 uint32_t po_attr_draw(const po_agg *a, uint64_t kind); /* a recent stack of that kind in a, or UINT32_MAX */
+uint32_t po_attr_boundary(const po_agg *a, uint64_t kind); /* the kind's walked boundary stack in a, or UINT32_MAX */
+void po_attr_set_boundary(po_agg *a, uint64_t kind, uint32_t stack);
 void po_attr_carry_over(const po_agg *from, po_agg *to); /* the kinds' stacks follow a swap */
 void po_attr_forget(void);
 

@@ -43,7 +43,7 @@
 
 po_thread po_threads[PO_MAX_THREADS];
 uint64_t po_threads_refused;
-static int high_water; /* entries at or above it have never been used */
+int po_threads_high_water; /* entries at or above it have never been used */
 
 static __thread po_thread *tls_self;
 
@@ -71,7 +71,7 @@ void po_thread_keys_init(void) {}
 
 static po_thread *find_locked(pid_t tid)
 {
-    for (int i = 0; i < high_water; i++)
+    for (int i = 0; i < po_threads_high_water; i++)
         if (po_threads[i].tid == tid) return &po_threads[i];
     return NULL;
 }
@@ -88,7 +88,7 @@ static po_thread *claim_locked(VALUE owner, pid_t tid)
         t->index = i;
         t->owner = owner;
         t->last_cpu_ns = po_thread_cpu_ns(tid);
-        if (i >= high_water) high_water = i + 1;
+        if (i >= po_threads_high_water) po_threads_high_water = i + 1;
         return t;
     }
     return NULL;
@@ -126,7 +126,7 @@ static void sweep_ended(void)
 {
     unsigned kept = 0;
     po_lock();
-    int n = high_water;
+    int n = po_threads_high_water;
     po_unlock();
     for (int i = 0; i < n; i++) {
         po_lock();
@@ -313,7 +313,7 @@ po_thread *po_thread_cached(void)
 void po_threads_mark(void)
 {
     po_lock();
-    for (int i = 0; i < high_water; i++)
+    for (int i = 0; i < po_threads_high_water; i++)
         if (po_threads[i].tid && RTEST(po_threads[i].owner)) rb_gc_mark(po_threads[i].owner);
     po_unlock();
 }
@@ -352,7 +352,7 @@ void po_thread_forget_current(void)
 size_t po_threads_in_use(void)
 {
     size_t n = 0;
-    for (int i = 0; i < high_water; i++) n += po_threads[i].tid != 0;
+    for (int i = 0; i < po_threads_high_water; i++) n += po_threads[i].tid != 0;
     return n;
 }
 
@@ -362,7 +362,7 @@ void po_threads_after_fork_child(void)
 {
     pid_t self = po_gettid();
     po_thread *mine = tls_self && tls_self->tid == po_current_tid() ? tls_self : NULL;
-    for (int i = 0; i < high_water; i++) {
+    for (int i = 0; i < po_threads_high_water; i++) {
         po_thread *t = &po_threads[i];
         if (!t->tid) continue;
         if (t == mine) {

@@ -82,10 +82,10 @@ module Pyroscope
 
     def tag_wrapper(tags)
       fiber_labels = Native.fiber_labels # the block and the ensure run on this fiber
-      previous = change_fiber_tags(fiber_labels, tags)
+      previous = Native.change_fiber_tags(fiber_labels, tags)
       yield
     ensure
-      change_fiber_tags(fiber_labels, previous) if previous
+      Native.change_fiber_tags(fiber_labels, previous) if previous
     end
 
     # _add_tags(tags) for the calling thread (pyroscope-otel 0.2, pyroscope 1.x), or
@@ -144,17 +144,9 @@ module Pyroscope
     # nil value removes the key). Returns the previous values of the keys it changed (nil
     # for absent), which restore them when passed back.
     def change_tags(thread, tags)
-      return change_fiber_tags(Native.fiber_labels, tags) if thread == Thread.current
+      return Native.change_fiber_tags(Native.fiber_labels, tags) if thread == Thread.current
 
       change_thread_tags(thread, tags)
-    end
-
-    # Any fiber's tags, from any fiber or thread (Native::FiberLabels).
-    def change_fiber_tags(fiber_labels, tags)
-      updated = fiber_labels.to_h # a new Hash
-      previous = merge_tags!(updated, tags)
-      Native.set_fiber_labels(fiber_labels, updated)
-      previous
     end
 
     def change_thread_tags(thread, tags)
@@ -165,8 +157,7 @@ module Pyroscope
       previous
     end
 
-    # Merges tags into `updated`, in place: a request's tag_wrapper is on the application's
-    # path, and the copies (a Hash and an Array per change) were 4 of its 13 objects.
+    # Merges tags into `updated`, in place, as Native.change_fiber_tags does a fiber's.
     # Returns the previous values of the keys it changed.
     def merge_tags!(updated, tags)
       raise ArgumentError, "tags must be a Hash, got #{tags.inspect}" unless tags.is_a?(Hash)
