@@ -133,8 +133,9 @@ module Pyroscope
         return unless head
 
         now = Process.clock_gettime(Process::CLOCK_REALTIME, :second)
-        @url_times = [now, "&from=#{now}&until=#{now + URL_WINDOW}"] unless @url_times&.first == now
-        "#{head}#{id}#{tail}#{@url_times[1]}"
+        # what follows the id changes once a second (or with the parts)
+        @url_tail = [now, tail, "#{tail}&from=#{now}&until=#{now + URL_WINDOW}"] unless @url_tail && @url_tail[0] == now && @url_tail[1].equal?(tail)
+        "#{head}#{id}#{@url_tail[2]}"
       end
 
       def url_parts
