@@ -28,6 +28,29 @@ RSpec.describe "Attribution against the thread CPU clock" do
     end
   end
 
+  it "walks the boundary of a kind no sample saw once, not at every change, and keeps its CPU" do
+    native.start(sample_rate: 1) # no timer sample lands in these spans: every tail is a boundary charge
+    before = native.stats
+    cpu = thread_cpu
+    300.times do |i|
+      token = native.push_span("profile_id", format("%016x", i + 1), "span", "tiny")
+      burn(0.0002)
+      native.pop_span(token)
+    end
+    cpu = thread_cpu - cpu
+    after = native.stats
+    native.stop
+    samples = take_samples
+    expect(after[:samples] - before[:samples]).to eq(0)
+    expect(after[:boundary_flushes] - before[:boundary_flushes]).to be >= 300
+    expect(after[:boundary_walks] - before[:boundary_walks]).to be <= 3 # the span kind's, the gaps'
+    tiny = samples.select { |_, labels, *| labels["span"] == "tiny" }
+    expect(tiny.map { |_, labels, *| labels["profile_id"] }.uniq.size).to eq(300)
+    expect(tiny.map(&:first).uniq.size).to eq(1)
+    expect(tiny.first.first.map { |_name, file, _line| file }).to include(__FILE__)
+    expect(samples.sum { |s| s[2] } / 1e9).to be_within(0.02).of(cpu)
+  end
+
   # On Ruby 3.1 no hook says when a thread releases the GVL: where the CPU it burns without
   # it goes is documented (DESIGN.md), not exact; only its total holds there.
   it "charges CPU burnt without the GVL to the call that burnt it (Ruby >= 3.2; 3.1: its total only)" do

@@ -57,7 +57,8 @@ static int *handler_lines, *gvl_lines;
 static int frames_depth;
 
 /* counters: written under po_lock, or with atomics where the handler cannot lock */
-uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes, po_stat_drawn_flushes,
+uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes, po_stat_boundary_walks,
+    po_stat_drawn_flushes,
     po_stat_skipped_busy, po_stat_skipped_off_gvl, po_stat_timer_errors;
 int po_stat_last_timer_errno;
 
@@ -196,7 +197,10 @@ static uint32_t fallback_stack(enum tail_site site)
     gvl_frames[0] = PO_FRAME_SYNTHETIC;
     if (site == TAIL_FIBER_SWITCH) gvl_lines[0] = PO_LINE_FIBER_SWITCH;
     else if (site == TAIL_EXIT) gvl_lines[0] = PO_LINE_THREAD_EXIT;
-    else n = po_stack_capture(gvl_frames, gvl_lines, po_cfg.max_depth, PO_STACK_TRIM_OWN); /* our own frames: no allocation */
+    else {
+        n = po_stack_capture(gvl_frames, gvl_lines, po_cfg.max_depth, PO_STACK_TRIM_OWN); /* our own frames: no allocation */
+        po_stat_boundary_walks++;
+    }
     return n > 0 ? po_agg_intern_stack(po_active, gvl_frames, gvl_lines, n) : UINT32_MAX;
 }
 

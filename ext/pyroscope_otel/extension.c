@@ -99,7 +99,7 @@ static VALUE native_stats(VALUE self)
     po_lock();
     size_t threads = po_threads_in_use(), label_sets = po_labelset_live_count();
     uint64_t samples = po_stat_samples, sampling_ns = po_stat_sampling_ns, flushes = po_stat_label_flushes,
-             boundary = po_stat_boundary_flushes, drawn = po_stat_drawn_flushes, terr = po_stat_timer_errors;
+             boundary = po_stat_boundary_flushes, walks = po_stat_boundary_walks, drawn = po_stat_drawn_flushes, terr = po_stat_timer_errors;
     uint64_t refused = po_threads_refused;
     uint64_t dropped = po_active ? po_active->dropped_samples : 0;
     uint64_t dropped_ns = po_active ? po_active->dropped_cpu_ns : 0;
@@ -110,6 +110,7 @@ static VALUE native_stats(VALUE self)
     SET("sampling_cpu_ns", ULL2NUM(sampling_ns));
     SET("label_flushes", ULL2NUM(flushes));
     SET("boundary_flushes", ULL2NUM(boundary));
+    SET("boundary_walks", ULL2NUM(walks));
     SET("drawn_flushes", ULL2NUM(drawn));
     SET("skipped_busy", ULL2NUM(__atomic_load_n(&po_stat_skipped_busy, __ATOMIC_RELAXED)));
     SET("skipped_off_gvl", ULL2NUM(__atomic_load_n(&po_stat_skipped_off_gvl, __ATOMIC_RELAXED)));

@@ -332,7 +332,7 @@ void po_put_labels_locked(po_thread *t, po_labelset *labels);
  * the slot takes. */
 void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_labelset *labels);
 extern uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes,
-    po_stat_drawn_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl, po_stat_timer_errors;
+    po_stat_boundary_walks, po_stat_drawn_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl, po_stat_timer_errors;
 extern int po_stat_last_timer_errno;
 
 /* ---- thread_events.c: per-Ruby-version thread lifecycle and GVL state --------------- */
