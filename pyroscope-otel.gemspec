@@ -16,7 +16,11 @@ Gem::Specification.new do |spec|
   spec.homepage = "https://github.com/pyroscope-otel/pyroscope-otel"
   spec.required_ruby_version = ">= 3.1"
 
-  spec.files = Dir["lib/**/*.rb", "lib/pyroscope/flamegraph/assets/*", "ext/pyroscope_otel/*.{c,h,rb,md}", "exe/*", "README.md", "LICENSE"]
+  # What a user's build and the CLI need, and the docs; never spec/, bench/, bin/ or tmp/
+  # (spec/gem_install_spec.rb checks the list). The flame graph assets are fetched and
+  # verified by `rake assets`, which `rake build` runs first.
+  spec.files = Dir["lib/**/*.rb", "lib/pyroscope/flamegraph/assets/*", "ext/pyroscope_otel/*.{c,h,rb,md}", "exe/*",
+                   "README.md", "CHANGELOG.md", "LICENSE"]
   spec.bindir = "exe"
   spec.executables = Dir["exe/*"].map { |f| File.basename(f) }
   spec.require_paths = ["lib"]

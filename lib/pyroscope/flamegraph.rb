@@ -94,7 +94,10 @@ module Pyroscope
     def to_html(title:, subtitle: "")
       assets = SCRIPTS + [STYLE]
       missing = assets.reject { |a| File.exist?(File.join(ASSETS, a)) }
-      raise Error, "flame graph assets missing (#{missing.join(", ")}): run `rake assets` in the checkout" unless missing.empty?
+      unless missing.empty?
+        raise Error, "flame graph assets missing from #{ASSETS} (#{missing.join(", ")}): the released gem ships them, " \
+                     "so reinstall it; in a git checkout, run `bin/setup` or `rake assets`"
+      end
 
       data = JSON.generate(tree).gsub("</", "<\\/")
       scripts = SCRIPTS.map { |a| "<script>#{File.read(File.join(ASSETS, a)).gsub("</script", "<\\/script")}</script>" }
