@@ -266,14 +266,15 @@ RSpec.describe Pyroscope::Exporter do
     receiver.wait_for(1, timeout: 5)
   end
 
-  it "never retries a 400, and counts the window as dropped" do
+  it "never retries a 400, and counts the window as failed" do
     receiver.mode = [:status, 400]
-    dropped = native.upload_stats[:windows_dropped]
+    failed = native.upload_stats[:windows_failed]
     enqueue(window([[frames("A#b"), {}, 1_000, 1]]))
     native.flush(3)
     sleep 0.2
     expect(receiver.requests.size).to eq(1)
-    expect(native.upload_stats[:windows_dropped]).to eq(dropped + 1)
+    expect(native.upload_stats[:windows_failed]).to eq(failed + 1)
+    expect(native.upload_stats[:last_error]).to match(/400/)
   end
 
   it "does not block the application while the server stalls or refuses" do

@@ -27,7 +27,7 @@ RSpec.describe "The local target" do
   def files = Dir[File.join(dir, "profiles", "*.pb.gz")].sort
 
   it "writes each window as a gzipped pprof file with its labels and global tags" do
-    dropped_before = Pyroscope::Native.upload_stats[:windows_dropped]
+    lost_before = Pyroscope.stats.values_at(:windows_failed, :windows_dropped)
     configure
     Pyroscope.tag_wrapper({ "vehicle" => "bike" }) { work.find_nearest_bike(0.2) }
     Pyroscope.shutdown
@@ -38,7 +38,7 @@ RSpec.describe "The local target" do
     expect(bike.sum { |s| s[:cpu_ns] }).to be_within(40_000_000).of(200_000_000)
     expect(bike.flat_map { |s| s[:frames].map(&:first) }).to include("Workload#find_nearest_bike")
     expect(samples.map { |s| s[:labels]["region"] }.uniq).to eq(["test"])
-    expect(Pyroscope::Native.upload_stats[:windows_dropped]).to eq(dropped_before)
+    expect(Pyroscope.stats.values_at(:windows_failed, :windows_dropped)).to eq(lost_before)
   end
 
   it "keeps the directory under local_max_bytes, removing the oldest files first" do

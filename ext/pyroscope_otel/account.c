@@ -57,8 +57,8 @@ static int *handler_lines, *gvl_lines;
 static int frames_depth;
 
 /* counters: written under po_lock, or with atomics where the handler cannot lock */
-uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes, po_stat_boundary_walks,
-    po_stat_drawn_flushes,
+uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_changes, po_stat_label_flushes, po_stat_boundary_flushes,
+    po_stat_boundary_walks, po_stat_drawn_flushes,
     po_stat_skipped_busy, po_stat_skipped_off_gvl, po_stat_timer_errors;
 int po_stat_last_timer_errno;
 
@@ -286,6 +286,7 @@ void po_put_labels_locked(po_thread *t, po_labelset *labels)
     t->prev = old_last;
     t->labels = labels;
     t->label_changes++;
+    po_stat_label_changes++;
 }
 
 void po_switch_labels(po_thread *t, po_labelset *labels)

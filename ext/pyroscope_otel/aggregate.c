@@ -262,6 +262,8 @@ uint32_t po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int dep
     return po_agg_record_stack(a, po_agg_intern_stack(a, frames, lines, depth), labels, cpu_ns, count);
 }
 
+uint64_t po_stat_samples_dropped;
+
 uint32_t po_agg_record_stack(po_agg *a, uint32_t stack, po_labelset *labels, uint64_t cpu_ns, uint64_t count)
 {
     if (stack == UINT32_MAX) goto drop;
@@ -292,6 +294,7 @@ uint32_t po_agg_record_stack(po_agg *a, uint32_t stack, po_labelset *labels, uin
 drop:
     a->dropped_samples += count ? count : 1;
     a->dropped_cpu_ns += cpu_ns;
+    po_stat_samples_dropped += count ? count : 1;
     return UINT32_MAX;
 }
 

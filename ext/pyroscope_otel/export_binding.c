@@ -248,11 +248,13 @@ static VALUE native_upload_stats(VALUE self)
     VALUE h = rb_hash_new();
 #define SET(k, v) rb_hash_aset(h, ID2SYM(rb_intern(k)), v)
     SET("windows_sent", ULL2NUM(s.windows_sent));
+    SET("windows_failed", ULL2NUM(s.windows_failed));
     SET("windows_dropped", ULL2NUM(s.windows_dropped));
     SET("samples_dropped", ULL2NUM(s.samples_dropped));
     SET("requests", ULL2NUM(s.requests));
     SET("retries", ULL2NUM(s.retries));
     SET("bytes_sent", ULL2NUM(s.bytes_sent));
+    SET("cpu_ns", ULL2NUM(s.cpu_ns));
     SET("queued_windows", SIZET2NUM(s.queued_windows));
     SET("queued_bytes", SIZET2NUM(s.queued_bytes));
     SET("last_error", err[0] ? rb_str_new_cstr(err) : Qnil);

@@ -101,6 +101,7 @@ static VALUE native_stats(VALUE self)
     uint64_t samples = po_stat_samples, sampling_ns = po_stat_sampling_ns, flushes = po_stat_label_flushes,
              boundary = po_stat_boundary_flushes, walks = po_stat_boundary_walks, drawn = po_stat_drawn_flushes, terr = po_stat_timer_errors;
     uint64_t refused = po_threads_refused;
+    uint64_t changes = po_stat_label_changes, dropped_total = po_stat_samples_dropped;
     uint64_t dropped = po_active ? po_active->dropped_samples : 0;
     uint64_t dropped_ns = po_active ? po_active->dropped_cpu_ns : 0;
     po_unlock();
@@ -108,6 +109,8 @@ static VALUE native_stats(VALUE self)
     SET("running", po_running ? Qtrue : Qfalse);
     SET("samples", ULL2NUM(samples));
     SET("sampling_cpu_ns", ULL2NUM(sampling_ns));
+    SET("samples_dropped", ULL2NUM(dropped_total));
+    SET("label_changes", ULL2NUM(changes));
     SET("label_flushes", ULL2NUM(flushes));
     SET("boundary_flushes", ULL2NUM(boundary));
     SET("boundary_walks", ULL2NUM(walks));

@@ -261,6 +261,7 @@ uint32_t po_agg_intern_stack(po_agg *a, const VALUE *frames, const int *lines, i
 uint32_t po_agg_copy_stack(po_agg *to, const po_agg *from, uint32_t stack); /* from's stack into to */
 /* The sample's number, or UINT32_MAX when it was dropped (stack UINT32_MAX: dropped too). */
 uint32_t po_agg_record_stack(po_agg *a, uint32_t stack, po_labelset *labels, uint64_t cpu_ns, uint64_t count);
+extern uint64_t po_stat_samples_dropped; /* samples (and charges) refused by full windows, ever */
 uint32_t po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int depth,
                        po_labelset *labels, uint64_t cpu_ns, uint64_t count);
 /* A stack's depth; its leaf-most min(depth, cap) frames and lines written leaf first.
@@ -331,7 +332,7 @@ void po_put_labels_locked(po_thread *t, po_labelset *labels);
  * fiber keeps its last sample while it is not running. `labels` is a new reference that
  * the slot takes. */
 void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_labelset *labels);
-extern uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_flushes, po_stat_boundary_flushes,
+extern uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_changes, po_stat_label_flushes, po_stat_boundary_flushes,
     po_stat_boundary_walks, po_stat_drawn_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl, po_stat_timer_errors;
 extern int po_stat_last_timer_errno;
 

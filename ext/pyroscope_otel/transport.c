@@ -183,18 +183,20 @@ static void job_free(po_job *j)
 }
 
 /* under mu: takes j (whose predecessor is prev, NULL for the head) off the queue */
-static void job_done(po_job *prev, po_job *j, int dropped)
+enum job_end { JOB_SENT, JOB_FAILED, JOB_DROPPED };
+static void job_done(po_job *prev, po_job *j, enum job_end end)
 {
     if (prev) prev->next = j->next;
     else head = j->next;
     if (tail == j) tail = prev;
     queued_windows--;
     queued_bytes -= j->bytes;
-    if (dropped) {
-        stats.windows_dropped++;
-        stats.samples_dropped += j->model->n_smp - (j->next_chunk ? j->bounds[j->next_chunk - 1] : 0);
-    } else {
+    if (end == JOB_SENT) {
         stats.windows_sent++;
+    } else {
+        if (end == JOB_FAILED) stats.windows_failed++;
+        else stats.windows_dropped++;
+        stats.samples_dropped += j->model->n_smp - (j->next_chunk ? j->bounds[j->next_chunk - 1] : 0);
     }
     job_free(j);
     if (!head) pthread_cond_broadcast(&idle);
@@ -376,7 +378,7 @@ static void *uploader(void *arg)
         po_job *j = head;
         if (now - j->created_ms > 55ULL * 60 * 1000) { /* the server refuses data over an hour old */
             event(2, "dropping a window to %s: it could not be sent within 55 minutes", j->log_url);
-            job_done(NULL, j, 1);
+            job_done(NULL, j, JOB_FAILED);
             continue;
         }
         busy = 1;
@@ -388,11 +390,14 @@ static void *uploader(void *arg)
         uint64_t requests = 0;
         size_t sent_bytes = 0;
         char err[CURL_ERROR_SIZE + 32] = "";
+        uint64_t cpu0 = po_thread_cpu_ns(po_gettid());
         int kind = send_job(curl, k, j, &retry_after, &requests, &sent_bytes, err, sizeof(err));
+        uint64_t cpu = po_thread_cpu_ns(po_gettid()) - cpu0;
 
         pthread_mutex_lock(&mu);
         busy = 0;
         job_conf = NULL;
+        stats.cpu_ns += cpu;
         stats.requests += requests;
         stats.bytes_sent += sent_bytes;
         if (kind == PO_STOPPED) { conf_drop(k); break; } /* the job stays queued: not a failure */
@@ -405,9 +410,9 @@ static void *uploader(void *arg)
         }
         if (kind != PO_OK) snprintf(last_error, sizeof(last_error), "%s: %s", j->log_url, err);
         if (kind == PO_OK) {
-            job_done(NULL, j, 0);
+            job_done(NULL, j, JOB_SENT);
         } else if (kind == PO_REJECTED || ++j->attempts >= k->c.max_attempts) {
-            job_done(NULL, j, 1);
+            job_done(NULL, j, JOB_FAILED);
         } else {
             stats.retries++;
             uint64_t backoff = 1000ULL << (j->attempts - 1 < 6 ? j->attempts - 1 : 6);
@@ -489,7 +494,7 @@ int po_transport_enqueue(po_model *m, const char *url, const char *log_url)
     while (queued_windows > conf->c.max_windows || queued_bytes > conf->c.max_bytes) {
         po_job *prev = busy ? head : NULL, *victim = prev ? prev->next : head;
         if (!victim || victim == j) break;
-        job_done(prev, victim, 1);
+        job_done(prev, victim, JOB_DROPPED);
         dropped++;
     }
     if (dropped) event(2, "upload queue over its cap: dropped the %d oldest window(s)", dropped);

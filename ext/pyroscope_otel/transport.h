@@ -18,7 +18,10 @@ typedef struct po_transport_config {
 } po_transport_config;
 
 typedef struct po_transport_stats {
-    uint64_t windows_sent, windows_dropped, samples_dropped, requests, retries, bytes_sent;
+    /* a window ends sent, failed (refused, out of attempts or too old to send) or dropped
+     * (the queue over its caps); samples_dropped counts the samples of the last two */
+    uint64_t windows_sent, windows_failed, windows_dropped, samples_dropped, requests, retries, bytes_sent;
+    uint64_t cpu_ns; /* the uploader thread's CPU: encoding, gzip, HTTP, files */
     size_t queued_windows, queued_bytes;
 } po_transport_stats;
 

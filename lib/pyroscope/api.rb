@@ -29,6 +29,7 @@ module Pyroscope
         @config = config
         @exporter = exporter
         @pid = Process.pid
+        Stats.start
         exporter.start
         # a child of fork restarts profiling as soon as it can: the extension runs this block
         # after any fork of a profiling process (also one a C extension makes, from a
@@ -210,6 +211,7 @@ module Pyroscope
       @exporter = build_exporter(@config)
       @pid = Process.pid
       Native.start(**sampler_options(@config))
+      Stats.start
       @exporter.start
     rescue StandardError => e
       logger.error("pyroscope: not profiling this child of fork (pid #{Process.pid}): #{e.class}: #{e.message}")

@@ -18,15 +18,22 @@ module Pyroscope
     SPY_NAME = "rbspy" # what Pyroscope's UI knows as Ruby; the Ruby SDK sent it too
     LEVELS = { 1 => Logger::INFO, 2 => Logger::WARN, 3 => Logger::ERROR }.freeze
 
-    attr_reader :gvl_ns, :exit_timeout
+    attr_reader :exit_timeout
 
     # The exporters started and not stopped, each with the pid that started it: one at_exit
     # for the process sends their last windows. (An at_exit per exporter held every exporter
     # ever started, its block's self, for the life of the process.)
     @live = {}
     @live_lock = Mutex.new
+    @cpu_ns = 0 # the CPU every export took, on the thread that ran it (Pyroscope.stats)
 
     class << self
+      attr_reader :cpu_ns
+
+      def add_cpu_ns(ns)
+        @live_lock.synchronize { @cpu_ns += ns }
+      end
+
       def started(exporter)
         @live_lock.synchronize do
           @live.delete_if { |_, pid| pid != Process.pid } # a parent's, inherited by fork
@@ -65,7 +72,6 @@ module Pyroscope
                                   "pyroscope-otel/#{VERSION} ruby/#{RUBY_VERSION}", ca_file,
                                   Integer(local_max_bytes))
       @exit_timeout = check_positive(:exit_timeout, exit_timeout)
-      @gvl_ns = 0
       @mutex = Mutex.new
       @wake = ConditionVariable.new
       @thread = nil
@@ -98,7 +104,7 @@ module Pyroscope
     end
 
     def export_window(final: false)
-      t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC, :nanosecond)
+      t0 = Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID, :nanosecond)
       taken = Native._take_model(@export_opts)
       if taken
         # whole seconds, as the server parses them, also for a sub-second upload_interval
@@ -107,7 +113,7 @@ module Pyroscope
         till = [from + 1, (final ? taken.ended_at_ns / 1e9 : aligned + @interval).ceil].max
         Native._enqueue_model(taken, url(from, till), log_url)
       end
-      @gvl_ns += Process.clock_gettime(Process::CLOCK_MONOTONIC, :nanosecond) - t0
+      self.class.add_cpu_ns(Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID, :nanosecond) - t0)
       log_events
     end
 
