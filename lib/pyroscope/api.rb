@@ -127,7 +127,7 @@ module Pyroscope
       tags = config.tags.to_h { |k, v| [k.to_s, v.to_s] }
       tags["pid"] = Process.pid.to_s if config.report_pid
       Exporter.new(
-        application_name: config.effective_name, server_address: config.server_address, logger: @logger,
+        application_name: -> { config.effective_name }, server_address: config.server_address, logger: @logger,
         sample_rate: config.sample_rate, auth_token: config.auth_token, basic_auth_username: config.basic_auth_username,
         basic_auth_password: config.basic_auth_password, tenant_id: config.tenant_id, http_headers: config.http_headers,
         tags: tags, upload_interval: config.upload_interval, connect_timeout: config.connect_timeout,

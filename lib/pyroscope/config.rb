@@ -75,10 +75,14 @@ module Pyroscope
 
     # Raises ArgumentError naming the option, the value and what is accepted.
     def validate!
-      name = effective_name
-      unless name.is_a?(String) && name.match?(Exporter::APP_NAME)
+      name = own_name
+      unless name.nil? || name == "" || (name.is_a?(String) && name.match?(Exporter::APP_NAME))
         raise ArgumentError, "application_name must be set and match #{Exporter::APP_NAME.source} " \
                              "(letters, digits, _ . - /), got #{name.inspect}"
+      end
+      if name.to_s.empty? && !ServiceName.otel_name && !ServiceName.pending?
+        raise ArgumentError, "application_name must be set, or come from OpenTelemetry (OTEL_SERVICE_NAME, or " \
+                             "the SDK's service.name once configured; the SDK is not loaded), got #{name.inspect}"
       end
       unless sample_rate.is_a?(Integer) && (1..1000).cover?(sample_rate)
         raise ArgumentError, "sample_rate must be an Integer in 1..1000 (Hz), got #{sample_rate.inspect}"
@@ -109,8 +113,14 @@ module Pyroscope
       self
     end
 
-    # app_name, the old spelling, wins over application_name, as in the `pyroscope` gem.
+    # The name profiles go under: own_name when set, else OpenTelemetry's service name
+    # (ServiceName); read again each time, as the SDK may be configured later.
     def effective_name
+      ServiceName.resolve(own_name)
+    end
+
+    # app_name, the old spelling, wins over application_name, as in the `pyroscope` gem.
+    def own_name
       app_name.nil? || app_name.to_s.empty? ? application_name : app_name
     end
 

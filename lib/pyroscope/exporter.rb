@@ -59,7 +59,9 @@ module Pyroscope
                    http_headers: {}, tags: {}, upload_interval: 10, connect_timeout: 5, timeout: 10,
                    queue_max_windows: 12, queue_max_bytes: 64 << 20, max_attempts: 5, ca_file: nil,
                    app_root: Dir.pwd, exit_timeout: 5, local_max_bytes: 256 << 20)
-      @app = check_app_name(application_name)
+      # a String, or a Proc giving it for each window (Pyroscope.configure's: the name may
+      # come from OpenTelemetry's SDK, configured later)
+      @app = application_name.respond_to?(:call) ? application_name : check_app_name(application_name)
       @uri = check_server(server_address)
       @logger = logger
       @sample_rate = sample_rate
@@ -153,12 +155,13 @@ module Pyroscope
     end
 
     def url(from, till)
+      app = @app.respond_to?(:call) ? check_app_name(@app.call) : @app
       if @uri.scheme == "file"
         stamp = Time.at(from).utc.strftime("%Y%m%dT%H%M%SZ")
-        return "file://#{@uri.path}/#{@app.tr("/", "_")}-#{stamp}-#{Process.pid}"
+        return "file://#{@uri.path}/#{app.tr("/", "_")}-#{stamp}-#{Process.pid}"
       end
 
-      query = URI.encode_www_form(name: @app, from: from, until: till, format: "pprof",
+      query = URI.encode_www_form(name: app, from: from, until: till, format: "pprof",
                                   sampleRate: @sample_rate, spyName: SPY_NAME)
       "#{@uri}/ingest?#{query}"
     end

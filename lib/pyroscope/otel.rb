@@ -60,8 +60,13 @@ module Pyroscope
         Native.add_id_label(@trace_id_label)
       end
 
+      # Without one given: the name the profiles go under (Pyroscope.current_config's, which
+      # follows OpenTelemetry's service name), with upstream's ".cpu" profile type suffix.
       def app_name
-        @app_name || (config = Pyroscope.current_config) && "#{config.effective_name}.cpu"
+        return @app_name if @app_name
+
+        config = Pyroscope.current_config
+        "#{config ? config.effective_name : ServiceName.resolve("")}.cpu"
       end
 
       def app_name=(name)
