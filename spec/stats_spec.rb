@@ -30,7 +30,7 @@ RSpec.describe "Pyroscope.stats" do
     expect(Pyroscope.stats.keys).to eq(Pyroscope::Stats::KEYS)
   end
 
-  it "counts samples, label changes, windows and bytes sent, and the profiler's own share of the CPU" do
+  it "counts samples, label changes, windows and bytes sent, and the profiler's own share of the CPU", :aggregate_failures do
     before = Pyroscope.stats
     configure
     10.times { |i| Pyroscope.tag_wrapper({ "round" => i.to_s }) { work.heavy(0.03) } }
