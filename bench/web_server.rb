@@ -10,7 +10,8 @@ require "puma/server"
 require_relative "web_app"
 
 mode, dir, sink = ARGV
-app = WebApp.build(mode, dir, sink, sample_rate: Integer(ENV.fetch("WEB_SAMPLE_RATE", "100"))) # 2 under valgrind (50x slower)
+app = WebApp.build(mode, dir, sink, sample_rate: Integer(ENV.fetch("WEB_SAMPLE_RATE", "100")), # 2 under valgrind (50x slower)
+                                    upload_interval: Integer(ENV.fetch("WEB_UPLOAD_INTERVAL", "10")))
 threads = Integer(ENV.fetch("WEB_THREADS", "8"))
 server = Puma::Server.new(app, nil, min_threads: threads, max_threads: threads)
 server.add_tcp_listener("127.0.0.1", 0)
