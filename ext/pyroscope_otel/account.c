@@ -290,8 +290,13 @@ static void charge_wall_tail_locked(po_thread *t, enum tail_site site)
         last->wall_ns += wall;
         return;
     }
-    uint32_t stack = po_attr_draw(po_active, kind_of(t));
-    if (stack == UINT32_MAX) stack = fallback_stack(site);
+    uint64_t kind = kind_of(t);
+    uint32_t stack = po_attr_draw(po_active, kind);
+    if (stack == UINT32_MAX && site == TAIL_HERE) stack = po_attr_boundary(po_active, kind); /* walked once per kind */
+    if (stack == UINT32_MAX) {
+        stack = fallback_stack(site);
+        if (site == TAIL_HERE) po_attr_set_boundary(po_active, kind, stack);
+    }
     uint32_t idx = po_agg_record_stack(po_active, stack, t->labels, 0, 0);
     po_agg_add_wall(po_active, idx, wall);
     t->last = po_agg_ref(po_active, idx);
