@@ -9,7 +9,9 @@ require "socket"
 module Peers
   module_function
 
-  GEMFILE = File.expand_path("Gemfile", __dir__)
+  # BENCH_GEMFILE: another bundle with the gems the modes run need (the Ruby 3.3/3.4
+  # chroot's, for modes none, profiled and wall)
+  GEMFILE = ENV.fetch("BENCH_GEMFILE", File.expand_path("Gemfile", __dir__))
   LIB = File.expand_path("../lib", __dir__)
 
   # env and argv prefix for a child ruby of `mode`; sink: the URL peers upload to

@@ -7,6 +7,7 @@
 #   loaded     the OTel SDK, this gem and its processor loaded, not used (what loading costs:
 #              its long-lived objects make a small heap collect more often)
 #   profiled   this gem (local target) + its span processor + `tag_wrapper` per request
+#   wall       as profiled, with profile_types [:cpu, :wall] (Ruby >= 3.2)
 #   processor  this gem's span processor only, not sampling
 #   sampler    this gem sampling + `tag_wrapper`, no span processor
 #   grafana    Grafana's `pyroscope` 1.x + `pyroscope-otel` 0.2 + `tag_wrapper` (run without
@@ -16,7 +17,7 @@ require "logger"
 require "opentelemetry/sdk"
 
 module WebApp
-  MODES = %w[none loaded profiled processor sampler grafana datadog].freeze
+  MODES = %w[none loaded profiled wall processor sampler grafana datadog].freeze
   TAGS = { "route" => "rides" }.freeze
   WORK = Integer(ENV.fetch("WEB_WORK", "1"))
 
@@ -33,18 +34,19 @@ module WebApp
   def build(mode, dir, sink, sample_rate: 100, upload_interval: 10)
     abort "mode: #{MODES.join(", ")}" unless MODES.include?(mode)
     ENV["OTEL_TRACES_EXPORTER"] = "none"
-    if %w[loaded profiled processor sampler grafana].include?(mode)
+    if %w[loaded profiled wall processor sampler grafana].include?(mode)
       require "pyroscope"
       require "pyroscope/otel"
     end
     case mode
-    when "profiled", "sampler"
+    when "profiled", "wall", "sampler"
       Pyroscope.configure do |c|
         c.application_name = "bench.web"
         c.server_address = "file://#{dir}"
         c.logger = Logger.new(nil)
         c.sample_rate = sample_rate
         c.upload_interval = upload_interval
+        c.profile_types = %i[cpu wall] if mode == "wall"
       end
     when "grafana"
       Pyroscope.configure do |c|
@@ -57,13 +59,13 @@ module WebApp
     OpenTelemetry::SDK.configure do |c|
       c.service_name = "bench.web"
       c.logger = Logger.new(nil)
-      if %w[profiled processor grafana].include?(mode)
+      if %w[profiled wall processor grafana].include?(mode)
         c.add_span_processor(Pyroscope::Otel::SpanProcessor.new("bench.web.cpu", "http://localhost:4040"))
       end
     end
     tracer = OpenTelemetry.tracer_provider.tracer("bench")
     respond = ->(env) { [200, { "content-type" => "text/plain" }, [handle(env["QUERY_STRING"].to_i)]] }
-    tagged = %w[profiled sampler grafana].include?(mode)
+    tagged = %w[profiled wall sampler grafana].include?(mode)
     lambda do |env|
       tracer.in_span("GET #{env["PATH_INFO"]}", kind: :server) do
         tagged ? Pyroscope.tag_wrapper(TAGS) { respond.call(env) } : respond.call(env)

@@ -17,10 +17,39 @@ ROUNDS = Integer(ARGV[0] || (Bench.quick? ? 2 : 5))
 SECONDS = Integer(ARGV[1] || (Bench.quick? ? 2 : 8))
 CONNECTIONS = 8
 SERVER = File.expand_path("web_server.rb", __dir__)
-MODES = ENV.fetch("WEB_MODES", "none,profiled,processor,sampler,grafana,datadog").split(",")
-abort "wrk not found (apt-get install wrk)" unless system("wrk --version", out: File::NULL, err: File::NULL) || $?.exitstatus == 1
+WALL = Gem::Version.new(RUBY_VERSION) >= Gem::Version.new("3.2") # profile type :wall: GVL hand-over events
+MODES = ENV.fetch("WEB_MODES", "none,profiled,#{"wall," if WALL}processor,sampler,grafana,datadog").split(",")
+WRK = system("wrk --version", out: File::NULL, err: File::NULL) || $?.exitstatus == 1
+warn "wrk not found (apt-get install wrk): the load comes from a Ruby process instead (Net::HTTP, keep-alive)" unless WRK
+
+# The same load without wrk (the Ruby 3.3/3.4 chroot has none): CONNECTIONS keep-alive
+# connections in a separate Ruby process, as fast as answered.
+LOADGEN = <<~'RUBY'
+  require "net/http"
+  port, seconds, conns = ARGV.map { |a| Integer(a) }
+  stop_at = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
+  lat = Queue.new
+  errors = Queue.new
+  Array.new(conns) do
+    Thread.new do
+      Net::HTTP.start("127.0.0.1", port) do |http|
+        while (t = Process.clock_gettime(Process::CLOCK_MONOTONIC)) < stop_at
+          code = http.get("/rides?7").code
+          errors << code unless code == "200"
+          lat << Process.clock_gettime(Process::CLOCK_MONOTONIC) - t
+        end
+      end
+    end
+  end.each(&:join)
+  all = Array.new(lat.size) { lat.pop }.sort
+  puts "#{all.size} #{all[(all.size * 0.99).floor] || 0} #{errors.size}"
+RUBY
 
 def wrk(port, seconds)
+  unless WRK
+    n, p99, errors = IO.popen([RbConfig.ruby, "-e", LOADGEN, port.to_s, seconds.to_s, CONNECTIONS.to_s], &:read).split
+    return { requests: Integer(n), p99: Float(p99), errors: Integer(errors) }
+  end
   out = IO.popen(["wrk", "-t1", "-c#{CONNECTIONS}", "-d#{seconds}s", "--latency", "http://127.0.0.1:#{port}/rides?7"], &:read)
   unit = { "us" => 1e-6, "ms" => 1e-3, "s" => 1.0, "m" => 60.0 }
   { requests: Integer(out[/(\d+) requests in/, 1]),
@@ -59,7 +88,7 @@ end
 ratio = ->(mode, key) { runs[mode].zip(runs["none"]).map { |b, a| b[key] / a[key] } }
 spread = ->(xs, f = 0) { Bench.spread(xs, f) }
 NAMES = { "none" => "none (OTel SDK)", "loaded" => "this gem loaded, unused", "profiled" => "this gem (sampler + processor + tag_wrapper)",
-          "processor" => "this gem, processor only", "sampler" => "this gem, sampler + tag_wrapper only",
+          "wall" => "this gem, profile_types [:cpu, :wall]", "processor" => "this gem, processor only", "sampler" => "this gem, sampler + tag_wrapper only",
           "grafana" => "Grafana pyroscope 1.1.7 + pyroscope-otel 0.2.0", "datadog" => "dd-trace-rb 2.47 profiler, defaults" }.freeze
 work = Integer(ENV.fetch("WEB_WORK", "1"))
 threads = Integer(ENV.fetch("WEB_THREADS", "8"))
@@ -80,6 +109,11 @@ rows = MODES.flat_map do |mode|
   row << { bench: tag, metric: "… requests/s; p99 ms#{"; failed requests" if errors.positive?}",
            value: "#{spread.call(r.map { |x| x[:rps] })}; #{spread.call(r.map { |x| x[:p99] * 1e3 }, 2)}#{"; #{errors}" if errors.positive?}" }
   row
+end
+if runs.key?("wall") && runs.key?("profiled") # what wall time adds, paired round by round
+  extra = runs["wall"].zip(runs["profiled"]).map { |w, c| (w[:cpu_per_req] / c[:cpu_per_req]) - 1 }
+  rows << { bench: tag, metric: "[:cpu, :wall] beyond [:cpu]: % of the server's CPU per request",
+            value: spread.call(extra.map { |x| x * 100 }, 2), target: "≤ 1 %", met: Bench.median(extra) <= 0.01 }
 end
 if runs.key?("profiled")
   rows << { bench: tag, metric: "this gem's own CPU (sampling, exports, uploads), % of the server's",

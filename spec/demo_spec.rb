@@ -39,5 +39,14 @@ RSpec.describe "bin/demo" do
       expect(names.grep(/find_nearest_/).uniq).to eq([method])
     end
     expect(names_in(File.read(graphs.first)).grep(/find_nearest_/).uniq.size).to eq(3)
+    trips = File.join(out, "flamegraph-trips-wall.html")
+    if Pyroscope::Native::WALL_SUPPORTED # the waiting route's wall time: where it waited, beside its CPU
+      expect(stdout).to include(trips)
+      names = names_in(File.read(trips))
+      expect(names).to include("Rideshare.pricing_quote", "IO#gets", "Rideshare.load_trip_history")
+      expect(names.grep(/\AKernel[#.]sleep\z/)).not_to be_empty
+    else
+      expect(File.exist?(trips)).to be(false)
+    end
   end
 end

@@ -22,6 +22,10 @@
  *    meanwhile; the next read takes the excess back from the next tail, so the thread's
  *    total stays exact and so does a span's, unless the excess falls at its last change.
  *
+ * With profile type :wall each charge also carries the thread's wall time not charged yet
+ * (wall.c): a sample, the wall it spent holding the GVL since the last one; a tail, all of
+ * the old labels' wall not charged yet, to the sample the CPU tail went to.
+ *
  * Both paths run under po_lock, which the handler only tries: when taken, the sample is
  * skipped and its CPU carried forward. Memory: the stack buffers, allocated at start for
  * max_depth (the handler's, and the GVL paths' under po_lock), nothing per sample.
@@ -51,7 +55,7 @@ static int holds_gvl(const po_thread *t)
 #endif
 
 volatile int po_running;
-po_config po_cfg = { 10000000L, 512, 65536, 0 };
+po_config po_cfg = { 10000000L, 512, 65536, 0, 0, 0 };
 static VALUE *handler_frames, *gvl_frames;
 static int *handler_lines, *gvl_lines;
 static int frames_depth;
@@ -114,7 +118,10 @@ static void sample_locked(po_thread *t, VALUE *frames, int *lines, int synthetic
     n += po_stack_capture(frames + n, lines + n, po_cfg.max_depth, synthetic_leaf == PO_LINE_GC ? PO_STACK_GC_ENDING : 0);
     if (n <= 0) return;
     uint32_t stack = po_agg_intern_stack(po_active, frames, lines, n);
-    t->last = po_agg_ref(po_active, po_agg_record_stack(po_active, stack, t->labels, at - t->last_cpu_ns, 1));
+    uint32_t idx = po_agg_record_stack(po_active, stack, t->labels, at - t->last_cpu_ns, 1);
+    uint64_t wall = po_wall_on_gvl_locked(t); /* its wall holding the GVL goes where its CPU goes */
+    if (wall) po_agg_add_wall(po_active, idx, wall);
+    t->last = po_agg_ref(po_active, idx);
     if (!po_stack_is_own(frames, n)) po_attr_note(po_active, kind_of(t), stack);
     po_stat_samples++;
     t->last_cpu_ns = at;
@@ -269,9 +276,36 @@ static void charge_tail_locked(po_thread *t, enum tail_site site)
     po_stat_label_flushes++;
 }
 
+/* Under po_lock, after the CPU tail: the wall not charged yet under the current labels
+ * (wall.c) goes where that tail went, else where it would have gone. */
+static void charge_wall_tail_locked(po_thread *t, enum tail_site site)
+{
+    if (!po_cfg.wall || !po_running || !t->tracked || !po_active) return;
+    int on_gvl = site != TAIL_EXIT && t->tid == po_current_tid();
+    if (site != TAIL_EXIT && !on_gvl) return; /* as charge_tail_locked: not its own thread */
+    uint64_t wall = po_wall_tail_locked(t, on_gvl);
+    if (!wall) return;
+    po_sample *last = po_agg_sample(po_active, t->last);
+    if (last) {
+        last->wall_ns += wall;
+        return;
+    }
+    uint64_t kind = kind_of(t);
+    uint32_t stack = po_attr_draw(po_active, kind);
+    if (stack == UINT32_MAX && site == TAIL_HERE) stack = po_attr_boundary(po_active, kind); /* walked once per kind */
+    if (stack == UINT32_MAX) {
+        stack = fallback_stack(site);
+        if (site == TAIL_HERE) po_attr_set_boundary(po_active, kind, stack);
+    }
+    uint32_t idx = po_agg_record_stack(po_active, stack, t->labels, 0, 0);
+    po_agg_add_wall(po_active, idx, wall);
+    t->last = po_agg_ref(po_active, idx);
+}
+
 void po_account_exit_locked(po_thread *t)
 {
     charge_tail_locked(t, TAIL_EXIT);
+    charge_wall_tail_locked(t, TAIL_EXIT);
 }
 
 /* Under po_lock: `labels` (a reference the slot takes) replaces the thread's labels; the
@@ -294,6 +328,7 @@ void po_switch_labels(po_thread *t, po_labelset *labels)
     po_lock();
     if (labels != t->labels) {
         charge_tail_locked(t, TAIL_HERE);
+        charge_wall_tail_locked(t, TAIL_HERE);
         po_put_labels_locked(t, labels);
     } else {
         po_labelset_unref(labels); /* the same set: nothing to charge, the slot has its reference */
@@ -306,8 +341,14 @@ void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_label
 {
     po_lock();
     po_fiber_labels *was = t->fiber;
-    if (labels != t->labels) charge_tail_locked(t, TAIL_FIBER_SWITCH);
-    if (was) was->last = t->last; /* it keeps its last sample for when it runs again */
+    if (labels != t->labels) {
+        charge_tail_locked(t, TAIL_FIBER_SWITCH);
+        charge_wall_tail_locked(t, TAIL_FIBER_SWITCH);
+    }
+    if (was) {
+        was->last = t->last; /* it keeps its last sample for when it runs again */
+        po_wall_fiber_suspended_locked(was);
+    }
     po_thread_detach_fiber(t);
     if (labels != t->labels) po_put_labels_locked(t, labels);
     else po_labelset_unref(labels);
@@ -316,6 +357,7 @@ void po_switch_fiber(po_thread *t, po_fiber_labels *f, VALUE fiber_obj, po_label
         t->fiber = f;
         t->fiber_obj = fiber_obj;
         t->last = f->last;
+        if (po_running && t->tracked && po_active) po_wall_fiber_resumed_locked(t, f);
     } else {
         t->last = PO_NO_SAMPLE;
     }
@@ -330,6 +372,7 @@ void po_account_register_locked(po_thread *t, int holds_gvl)
     t->read_mono_ns = 0;
     t->holds_gvl = holds_gvl;
     t->tracked = 1;
+    po_wall_register_locked(t);
     if (po_cfg.no_signals) return; /* accounted at label changes and by the ticker's jobs */
     int err = po_timer_arm(t, t->index, po_cfg.interval_ns);
     if (err) {

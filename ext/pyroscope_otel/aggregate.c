@@ -1,5 +1,6 @@
 /*
- * aggregate.c — one window's samples: (stack, label set) -> CPU ns and sample count.
+ * aggregate.c — one window's samples: (stack, label set) -> CPU ns, wall ns (profile type
+ * :wall only, wall.c) and sample count.
  *
  * Written from the HANDLER, so recording never allocates: every table is allocated up
  * front with a fixed capacity derived from max_samples (a window's distinct samples). When
@@ -284,6 +285,7 @@ uint32_t po_agg_record_stack(po_agg *a, uint32_t stack, po_labelset *labels, uin
     uint32_t n = a->samples_used++;
     po_sample *s = &a->samples[n];
     s->cpu_ns = cpu_ns;
+    s->wall_ns = 0;
     s->count = count;
     s->labels = labels;
     s->stack = stack;
@@ -329,13 +331,19 @@ void po_agg_clear(po_agg *a)
     for (uint32_t i = 0; i < a->stacks_used; i++) a->stack_index[a->stacks[i].slot] = 0;
     clear_nodes(a);
     a->samples_used = a->stacks_used = 0;
-    a->dropped_samples = a->dropped_cpu_ns = 0;
+    a->dropped_samples = a->dropped_cpu_ns = a->dropped_wall_ns = 0;
     a->epoch = ++last_epoch;
 }
 
 po_sample_ref po_agg_ref(const po_agg *a, uint32_t index)
 {
     return index == UINT32_MAX ? PO_NO_SAMPLE : (po_sample_ref){ a->epoch, index };
+}
+
+void po_agg_add_wall(po_agg *a, uint32_t index, uint64_t wall_ns)
+{
+    if (index == UINT32_MAX) a->dropped_wall_ns += wall_ns;
+    else a->samples[index].wall_ns += wall_ns;
 }
 
 po_sample *po_agg_sample(po_agg *a, po_sample_ref ref)

@@ -17,6 +17,9 @@
  * bytes become "_", empty names dropped, the first of duplicate names kept, sample labels
  * before global tags) and cut at 1 024 bytes, values cut at 2 048 (at a UTF-8 boundary);
  * stacks deeper than 1 000 frames cut to 999 and a "(truncated)" frame.
+ * With profile type :wall (the sampler's, or a Ruby window whose samples carry wall ns as
+ * a fifth element) the model carries both values and a sample is left out only when both
+ * are 0.
  * What a full buffer dropped is one more sample: a "(dropped)" frame with the dropped CPU
  * and only the global tags (the dropped samples' own labels are not known), so that a
  * profile's total is the window's. A Ruby window has that sample already (window.c).
@@ -181,10 +184,14 @@ static VALUE build_samples(VALUE arg)
         VALUE s = RARRAY_AREF(samples, i);
         Check_Type(s, T_ARRAY);
         int64_t cpu = NUM2LL(RARRAY_AREF(s, 2));
-        if (cpu <= 0) continue;
+        int64_t wall = RARRAY_LEN(s) > 4 ? NUM2LL(RARRAY_AREF(s, 4)) : 0; /* [.., count, wall_ns] */
+        if (wall > 0) b->m->wall = 1;
+        if (cpu < 0) cpu = 0;
+        if (wall < 0) wall = 0;
+        if (cpu == 0 && wall == 0) continue;
         uint32_t st = model_stack(b, RARRAY_AREF(s, 0)), lt = label_span(b, RARRAY_AREF(s, 1));
         if (st == UINT32_MAX || lt == UINT32_MAX) break;
-        po_model_sample(b->m, st, b->ids + b->spans[lt][0], b->spans[lt][1] / 2, cpu);
+        po_model_sample(b->m, st, b->ids + b->spans[lt][0], b->spans[lt][1] / 2, cpu, wall);
     }
     return Qnil;
 }
@@ -305,17 +312,18 @@ static VALUE build_from_agg(VALUE arg)
     }
     for (uint32_t i = 0; i < a->samples_used && !b->m->oom; i++) {
         const po_sample *s = &a->samples[i];
-        if (s->cpu_ns == 0) continue;
+        if (s->cpu_ns == 0 && s->wall_ns == 0) continue;
         uint32_t lt = labelset_span(ab, s->labels);
         if (lt == UINT32_MAX) break;
-        po_model_sample(b->m, ab->stack_of[s->stack], b->ids + b->spans[lt][0], b->spans[lt][1] / 2, (int64_t)s->cpu_ns);
+        po_model_sample(b->m, ab->stack_of[s->stack], b->ids + b->spans[lt][0], b->spans[lt][1] / 2, (int64_t)s->cpu_ns,
+                        (int64_t)s->wall_ns);
     }
-    if (a->dropped_cpu_ns && !b->m->oom) { /* the samples' labels are gone; the global tags are everyone's */
+    if ((a->dropped_cpu_ns || a->dropped_wall_ns) && !b->m->oom) { /* the samples' labels are gone; the global tags are everyone's */
         uint32_t dropped = po_model_location(b->m, frame_function(b, PO_FRAME_SYNTHETIC, PO_LINE_DROPPED), 0);
         uint32_t lt = labelset_span(ab, NULL);
         if (lt != UINT32_MAX)
             po_model_sample(b->m, po_model_stack(b->m, &dropped, 1), b->ids + b->spans[lt][0], b->spans[lt][1] / 2,
-                            (int64_t)a->dropped_cpu_ns);
+                            (int64_t)a->dropped_cpu_ns, (int64_t)a->dropped_wall_ns);
     }
     return Qnil;
 }
@@ -327,6 +335,8 @@ po_model *po_model_from_agg(const po_agg *a, uint64_t started, uint64_t ended, i
     uint32_t *stack_of = malloc(sizeof(uint32_t) * (a->stacks_used ? a->stacks_used : 1));
     if (!stack_of) rb_raise(rb_eNoMemError, "pyroscope: cannot allocate an export model");
     po_model *m = new_model(started, ended, sample_rate);
+    m->wall = po_wall_enabled() || a->dropped_wall_ns;
+    for (uint32_t i = 0; i < a->samples_used && !m->wall; i++) m->wall = a->samples[i].wall_ns != 0;
     struct build b = { .m = m, .app_root = app_root, .prefixes = prefixes, .tags = tags };
     b.frames = st_init_numtable();
     b.strs = st_init_numtable();

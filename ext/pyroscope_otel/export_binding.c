@@ -150,7 +150,7 @@ static void *encode_nogvl(void *arg)
     if (!e->bufs || !e->lens) { e->failed = 1; return NULL; }
     for (uint32_t i = 0; i < e->n && !e->failed; i++) {
         size_t plen = 0;
-        uint8_t *packed = po_pprof_pack(e->m, i ? e->bounds[i - 1] : 0, e->bounds[i], &plen);
+        uint8_t *packed = po_pprof_pack(e->m, i ? e->bounds[i - 1] : 0, e->bounds[i], PO_TYPES_OF(e->m), &plen);
         e->bufs[i] = packed ? po_gzip(packed, plen, &e->lens[i]) : NULL;
         free(packed);
         if (!e->bufs[i]) e->failed = 1;

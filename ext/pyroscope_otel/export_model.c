@@ -81,6 +81,7 @@ void po_model_init(po_model *m)
     po_model_string(m, "", 0);            /* 0, as pprof requires */
     po_model_string(m, "cpu", 3);         /* 1: PO_STR_CPU in pprof.c */
     po_model_string(m, "nanoseconds", 11); /* 2: PO_STR_NANOSECONDS */
+    po_model_string(m, "wall", 4);        /* 3: PO_STR_WALL (only a profile with wall values uses it) */
 }
 
 void po_model_free(po_model *m)
@@ -221,7 +222,7 @@ uint32_t po_model_stack(po_model *m, const uint32_t *locs, uint32_t n_loc)
     return m->n_stk++;
 }
 
-void po_model_sample(po_model *m, uint32_t stack, const uint32_t *labs, uint32_t n_lab, int64_t cpu_ns)
+void po_model_sample(po_model *m, uint32_t stack, const uint32_t *labs, uint32_t n_lab, int64_t cpu_ns, int64_t wall_ns)
 {
     void *a;
     if (!(a = grow(m, m->labs, &m->cap_labs, m->n_labs + 2 * n_lab, sizeof(*m->labs)))) return;
@@ -233,6 +234,7 @@ void po_model_sample(po_model *m, uint32_t stack, const uint32_t *labs, uint32_t
     s->lab_off = m->n_labs;
     s->n_lab = n_lab;
     s->cpu_ns = cpu_ns;
+    s->wall_ns = wall_ns;
     memcpy(&m->labs[m->n_labs], labs, 2 * n_lab * sizeof(*labs));
     m->n_labs += 2 * n_lab;
 }

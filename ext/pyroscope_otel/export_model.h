@@ -1,7 +1,8 @@
 /*
  * export_model.h — a window in the shape pprof needs, as plain C data: deduplicated
  * strings, functions (name, file), locations (function, line), stacks (location ids leaf
- * first) and samples (a stack, label string pairs, CPU ns). Built on the GVL from a taken
+ * first) and samples (a stack, label string pairs, CPU ns, and with profile type :wall
+ * wall ns). Built on the GVL from a taken
  * window (export_model.c); read without the GVL by the encoder (pprof.c) on the uploader
  * thread.
  * Owned by one upload job at a time; freed with po_model_free.
@@ -39,13 +40,14 @@ typedef struct po_model {
     uint32_t *locids;
     uint32_t n_locids, cap_locids;
     /* samples */
-    struct po_xsample { uint32_t stack, lab_off, n_lab; int64_t cpu_ns; } *smp;
+    struct po_xsample { uint32_t stack, lab_off, n_lab; int64_t cpu_ns, wall_ns; } *smp;
     uint32_t n_smp, cap_smp;
     uint32_t *labs; /* (key, value) string ids */
     uint32_t n_labs, cap_labs;
     int64_t time_nanos, duration_nanos, period;
     size_t approx_bytes; /* what the model holds, for the queue's byte cap */
     int oom;             /* an allocation failed: the model is incomplete, drop it */
+    int wall;            /* its samples carry wall ns: profiles get the second sample type */
 } po_model;
 
 void po_model_init(po_model *m);
@@ -59,14 +61,21 @@ int po_model_reserve_stacks(po_model *m, uint32_t stacks, uint32_t locids);
 /* adds a stack (locs leaf first); its number, UINT32_MAX when out of memory */
 uint32_t po_model_stack(po_model *m, const uint32_t *locs, uint32_t n_loc);
 /* adds a sample of a stack; labs (key, value) string id pairs */
-void po_model_sample(po_model *m, uint32_t stack, const uint32_t *labs, uint32_t n_lab, int64_t cpu_ns);
+void po_model_sample(po_model *m, uint32_t stack, const uint32_t *labs, uint32_t n_lab, int64_t cpu_ns, int64_t wall_ns);
 
 #define PO_SERVER_MAX_DEPTH 1000
 #define PO_SERVER_MAX_SAMPLES 16000
 #define PO_SERVER_MAX_BYTES (4u << 20)
 
-/* pprof.c: the profile of samples [from, to) as packed pprof bytes; NULL on failure */
-uint8_t *po_pprof_pack(const po_model *m, uint32_t from, uint32_t to, size_t *len);
+/* Sample types of a profile: a model with wall values packs both by default (files, the
+ * encoder); an upload to Pyroscope sends them as two profiles (pprof.c says why). */
+#define PO_TYPE_CPU 1
+#define PO_TYPE_WALL 2
+#define PO_TYPES_OF(m) ((m)->wall ? PO_TYPE_CPU | PO_TYPE_WALL : PO_TYPE_CPU)
+/* pprof.c: the profile of samples [from, to) as packed pprof bytes, with those sample types
+ * (samples without a value of them left out); NULL on failure */
+uint8_t *po_pprof_pack(const po_model *m, uint32_t from, uint32_t to, int types, size_t *len);
+int po_pprof_has(const po_model *m, uint32_t from, uint32_t to, int types); /* a sample with such a value */
 /* the split of all samples into profiles within the server's limits: fills bounds with
  * ascending sample indexes ending at n_smp; returns their count (0 on failure) */
 uint32_t po_pprof_split(const po_model *m, uint32_t **bounds);

@@ -44,7 +44,8 @@ static const rb_data_type_t roots_type = {
     .function = { .dmark = roots_mark },
 };
 
-static VALUE native_start(VALUE self, VALUE rate, VALUE depth, VALUE max_samples, VALUE no_signals)
+static VALUE native_start(VALUE self, VALUE rate, VALUE depth, VALUE max_samples, VALUE no_signals, VALUE wall,
+                          VALUE wall_all)
 {
     (void)self;
     int hz = NUM2INT(rate);
@@ -53,7 +54,12 @@ static VALUE native_start(VALUE self, VALUE rate, VALUE depth, VALUE max_samples
     if (d < 1 || d > PO_MAX_DEPTH_LIMIT) rb_raise(rb_eArgError, "max_depth must be 1..%d, got %d", PO_MAX_DEPTH_LIMIT, d);
     long m = NUM2LONG(max_samples);
     if (m < 16 || m > (1L << 24)) rb_raise(rb_eArgError, "max_samples must be 16..%ld, got %ld", 1L << 24, m);
-    return po_start(1000000000L / hz, d, (uint32_t)m, RTEST(no_signals)) ? Qtrue : Qfalse;
+#ifndef HAVE_RB_INTERNAL_THREAD_ADD_EVENT_HOOK
+    if (RTEST(wall))
+        rb_raise(rb_eArgError, "profile type :wall needs Ruby >= 3.2 (its GVL hand-over events); this is Ruby %" PRIsVALUE,
+                 rb_const_get(rb_cObject, rb_intern("RUBY_VERSION")));
+#endif
+    return po_start(1000000000L / hz, d, (uint32_t)m, RTEST(no_signals), RTEST(wall), RTEST(wall_all)) ? Qtrue : Qfalse;
 }
 
 static VALUE native_stop(VALUE self)
@@ -190,7 +196,7 @@ static void after_fork_job(void *unused)
 {
     (void)unused;
     if (!forked || NIL_P(fork_child_block)) return;
-    po_start(po_cfg.interval_ns, po_cfg.max_depth, po_cfg.max_samples, po_cfg.no_signals);
+    po_start(po_cfg.interval_ns, po_cfg.max_depth, po_cfg.max_samples, po_cfg.no_signals, po_cfg.wall, po_cfg.wall_all);
     rb_thread_create(after_fork_thread, NULL);
 }
 
@@ -237,7 +243,12 @@ RUBY_FUNC_EXPORTED void Init_pyroscope_otel(void)
 #endif
     pthread_atfork(NULL, NULL, after_fork_child);
 
-    rb_define_singleton_method(mNative, "_start", native_start, 4);
+    rb_define_singleton_method(mNative, "_start", native_start, 6);
+#ifdef HAVE_RB_INTERNAL_THREAD_ADD_EVENT_HOOK
+    rb_define_const(mNative, "WALL_SUPPORTED", Qtrue);
+#else
+    rb_define_const(mNative, "WALL_SUPPORTED", Qfalse);
+#endif
     rb_define_singleton_method(mNative, "stop", native_stop, 0);
     rb_define_singleton_method(mNative, "running?", native_running_p, 0);
     rb_define_singleton_method(mNative, "take_window", native_take_window, 0);

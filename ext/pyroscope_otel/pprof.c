@@ -10,6 +10,19 @@
  * The profile: string_table[0] = ""; sample_type and period_type cpu/nanoseconds;
  * period = 1e9 / sample rate; one value per sample, CPU nanoseconds; time_nanos and
  * duration_nanos of the window; Function{name, system_name, filename}; Location{line}.
+ * With profile type :wall (a model with wall values) the default is two sample types,
+ * cpu/nanoseconds then wall/nanoseconds, two values per sample, on the same stacks and
+ * labels (the local target's files, the encoder). An upload to Pyroscope instead sends
+ * each window as two profiles, cpu alone (unchanged) and wall alone (sample and period
+ * type wall/nanoseconds; transport.c): the server names a whole profile after its first
+ * "wall" sample type if it has one (grafana/pyroscope pkg/og/convert/pprof/profile.go,
+ * RawProfile.metricName), and each sample type's profile type id is
+ * <that name>:<type>:<unit>:<period type>:<period unit> (pkg/phlaredb/labels/labels.go),
+ * so one profile with both types would move the CPU from
+ * process_cpu:cpu:nanoseconds:cpu:nanoseconds to wall:cpu:nanoseconds:cpu:nanoseconds,
+ * where Grafana's CPU views and traces-to-profiles settings no longer find it. Split, the
+ * ids are process_cpu:cpu:nanoseconds:cpu:nanoseconds and
+ * wall:wall:nanoseconds:wall:nanoseconds.
  */
 #include "export_model.h"
 #include "profile.pb-c.h"
@@ -35,6 +48,8 @@ typedef Perftools__Profiles__ValueType ValueType;
 #define UB_PROFILE_BASE 128
 #define PO_STR_CPU 1
 #define PO_STR_NANOSECONDS 2
+#define PO_STR_WALL 3
+#define UB_PER_VALUE 11 /* a second value: a varint at its widest */
 
 struct stamps {
     uint32_t *str, *fn, *loc; /* the chunk that last used each item */
@@ -44,7 +59,8 @@ struct stamps {
 static size_t sample_cost(const po_model *m, const struct po_xsample *s, const struct stamps *st, uint32_t chunk)
 {
     const struct po_xstack *k = &m->stk[s->stack];
-    size_t add = UB_SAMPLE_BASE + (size_t)k->n_loc * UB_PER_LOCATION_ID + (size_t)s->n_lab * UB_PER_LABEL;
+    size_t add = UB_SAMPLE_BASE + (m->wall ? UB_PER_VALUE : 0) + (size_t)k->n_loc * UB_PER_LOCATION_ID +
+                 (size_t)s->n_lab * UB_PER_LABEL;
 #define STR_COST(id) (st->str[id] == chunk ? 0 : (size_t)m->str_len[id] + UB_STRING_OVERHEAD)
     for (uint32_t j = 0; j < k->n_loc; j++) {
         uint32_t l = m->locids[k->loc_off + j], f = m->loc[l].fn;
@@ -167,7 +183,7 @@ static uint64_t loc_id(struct packer *p, uint32_t l)
 
 /* Sample s as a message, in the scratch arrays `ids` and `labels` (room for its stack and
  * its labels); assigns profile ids to what it uses on first sight. */
-static void sample_msg(struct packer *p, const struct po_xsample *s, Sample *out, uint64_t *ids, int64_t *value,
+static void sample_msg(struct packer *p, const struct po_xsample *s, int types, Sample *out, uint64_t *ids, int64_t *value,
                        Label *labels, Label **label_ptrs)
 {
     const po_model *m = p->m;
@@ -176,9 +192,10 @@ static void sample_msg(struct packer *p, const struct po_xsample *s, Sample *out
     for (uint32_t j = 0; j < k->n_loc; j++) ids[j] = loc_id(p, m->locids[k->loc_off + j]);
     out->location_id = ids;
     out->n_location_id = k->n_loc;
-    *value = s->cpu_ns;
+    out->n_value = 0;
+    if (types & PO_TYPE_CPU) value[out->n_value++] = s->cpu_ns;
+    if (types & PO_TYPE_WALL) value[out->n_value++] = s->wall_ns;
     out->value = value;
-    out->n_value = 1;
     for (uint32_t j = 0; j < s->n_lab; j++) {
         perftools__profiles__label__init(&labels[j]);
         labels[j].key = str_id(p, m->labs[s->lab_off + 2 * j]);
@@ -208,8 +225,23 @@ static uint8_t *varint_put(uint8_t *o, uint64_t v)
 /* Samples are packed one at a time, each between the profile's field 1 and its fields 3 and
  * on: a whole window's samples as messages took 8 bytes per location id (a window of 5 000
  * stacks of 200 frames: 8 MB) beside the packed bytes. */
-uint8_t *po_pprof_pack(const po_model *m, uint32_t from, uint32_t to, size_t *len)
+/* a sample the profile leaves out: none of the values it carries */
+static int left_out(const struct po_xsample *s, int types)
 {
+    return !((types & PO_TYPE_CPU) && s->cpu_ns) && !((types & PO_TYPE_WALL) && s->wall_ns);
+}
+
+int po_pprof_has(const po_model *m, uint32_t from, uint32_t to, int types)
+{
+    for (uint32_t i = from; i < to; i++)
+        if (!left_out(&m->smp[i], types)) return 1;
+    return 0;
+}
+
+uint8_t *po_pprof_pack(const po_model *m, uint32_t from, uint32_t to, int types, size_t *len)
+{
+    /* a cpu-only model keeps every sample it has (its export left out the empty ones) */
+    int filter = m->wall && types != (PO_TYPE_CPU | PO_TYPE_WALL);
     uint32_t max_loc = 0, max_lab = 0, n_ids = 0;
     for (uint32_t i = from; i < to; i++) {
         uint32_t n_loc = m->stk[m->smp[i].stack].n_loc;
@@ -240,25 +272,35 @@ uint8_t *po_pprof_pack(const po_model *m, uint32_t from, uint32_t to, size_t *le
         goto done;
 
     str_id(&p, 0);
-    ValueType vt, period_type;
-    perftools__profiles__value_type__init(&vt);
+    ValueType vt[2], period_type;
+    ValueType *vts[2];
+    size_t n_types = 0;
     perftools__profiles__value_type__init(&period_type);
-    vt.type = period_type.type = str_id(&p, PO_STR_CPU);
-    vt.unit = period_type.unit = str_id(&p, PO_STR_NANOSECONDS);
-    ValueType *vts[1] = { &vt };
+    period_type.type = str_id(&p, types & PO_TYPE_CPU ? PO_STR_CPU : PO_STR_WALL);
+    period_type.unit = str_id(&p, PO_STR_NANOSECONDS);
+    for (int k = 0; k < 2; k++) {
+        int type = k ? PO_TYPE_WALL : PO_TYPE_CPU;
+        if (!(types & type)) continue;
+        perftools__profiles__value_type__init(&vt[n_types]);
+        vt[n_types].type = str_id(&p, k ? PO_STR_WALL : PO_STR_CPU);
+        vt[n_types].unit = period_type.unit;
+        vts[n_types] = &vt[n_types];
+        n_types++;
+    }
 
     Sample smp;
-    int64_t value;
+    int64_t value[2];
     size_t samples_len = 0;
     for (uint32_t i = from; i < to; i++) {
-        sample_msg(&p, &m->smp[i], &smp, ids, &value, labels, label_ptrs);
+        if (filter && left_out(&m->smp[i], types)) continue;
+        sample_msg(&p, &m->smp[i], types, &smp, ids, value, labels, label_ptrs);
         sizes[i - from] = (uint32_t)perftools__profiles__sample__get_packed_size(&smp);
         samples_len += 1 + varint_len(sizes[i - from]) + sizes[i - from];
     }
 
     Profile head, rest; /* field 1 before the samples, fields 3 and on after them */
     perftools__profiles__profile__init(&head);
-    head.n_sample_type = 1;
+    head.n_sample_type = n_types;
     head.sample_type = vts;
     perftools__profiles__profile__init(&rest);
     rest.period_type = &period_type;
@@ -277,7 +319,8 @@ uint8_t *po_pprof_pack(const po_model *m, uint32_t from, uint32_t to, size_t *le
     if (!out) goto done;
     uint8_t *o = out + perftools__profiles__profile__pack(&head, out);
     for (uint32_t i = from; i < to; i++) {
-        sample_msg(&p, &m->smp[i], &smp, ids, &value, labels, label_ptrs);
+        if (filter && left_out(&m->smp[i], types)) continue;
+        sample_msg(&p, &m->smp[i], types, &smp, ids, value, labels, label_ptrs);
         *o++ = SAMPLE_TAG;
         o = varint_put(o, sizes[i - from]);
         o += perftools__profiles__sample__pack(&smp, o);

@@ -34,7 +34,7 @@ static VALUE register_each_thread(RB_BLOCK_CALL_FUNC_ARGLIST(thread, arg))
     return Qnil;
 }
 
-int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signals)
+int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signals, int wall, int wall_all)
 {
     if (po_running) return 0;
     if (po_mn_threads_enabled()) {
@@ -45,6 +45,7 @@ int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signa
     if (!no_signals) po_signal_install();
     po_recorder_alloc(max_samples);
     po_account_alloc(max_depth);
+    po_wall_start(max_depth, wall, wall_all);
     po_lock();
     po_attr_forget(); /* samples from before a stop are not recent */
     po_unlock();
@@ -52,6 +53,8 @@ int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signa
     po_cfg.max_depth = max_depth;
     po_cfg.max_samples = max_samples;
     po_cfg.no_signals = no_signals;
+    po_cfg.wall = wall;
+    po_cfg.wall_all = wall_all;
     __atomic_store_n(&po_running, 1, __ATOMIC_SEQ_CST);
     if (no_signals && !po_ticker_start(interval_ns))
         rb_warn("pyroscope: no_signals on Ruby < 3.3: no timer samples (postponed job triggers from another "

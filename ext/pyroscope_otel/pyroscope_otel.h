@@ -141,6 +141,15 @@ typedef struct po_thread {
      * ending returns to them, and their next charge needs no stack walk */
     po_labelset *prev_labels;
     po_sample_ref prev;
+    /* wall time (wall.c), with profile type :wall only. Monotonic ns: the moment its wall
+     * is charged up to while it holds the GVL; wall it spent holding the GVL before its
+     * last release, not charged yet (it goes with its next CPU charge); short waits carried
+     * until one is walked, blocked and waiting for the GVL, and the carry that makes the
+     * next walk. Under po_lock. */
+    uint64_t wall_at_ns, wall_held_ns, wall_carry_ns, wall_carry_gvl_ns, wall_walk_at_ns;
+    /* the moments it released the GVL and asked for it back; 0: none since it resumed.
+     * Written by the SUSPENDED and READY hooks (NOGVL, no lock), read at RESUMED. */
+    volatile uint64_t wall_suspended_ns, wall_ready_ns;
 } po_thread;
 
 extern po_thread po_threads[PO_MAX_THREADS];
@@ -178,6 +187,7 @@ typedef struct po_fiber_labels {
     po_thread *on;          /* the entry of the thread it is running on, else NULL */
     int stale;              /* `effective` is to be merged again before use */
     po_sample_ref last; /* its last sample under `effective` while it was not running */
+    uint64_t suspended_ns; /* monotonic: when it last stopped running (wall.c); 0: running or never */
 } po_fiber_labels;
 
 /* under po_lock: t no longer runs t->fiber (the one link between a thread's entry and a
@@ -210,6 +220,7 @@ int po_signal_installed(void);
 #define PO_LINE_FIBER_SWITCH (-3)
 #define PO_LINE_THREAD_EXIT (-4)
 #define PO_LINE_DROPPED (-5) /* in windows and exports only: what a full buffer dropped */
+#define PO_LINE_GVL_WAIT (-6) /* wall: waiting to get the GVL back, on top of the stack that released it */
 #define PO_MAX_STACK (PO_MAX_DEPTH_LIMIT + 1 + PO_MAX_SKIP) /* the most frames a capture buffer holds */
 /* HANDLER or GVL, the calling thread only, which must hold the GVL. With PO_STACK_TRIM_OWN
  * (GVL, under po_lock), drops leaf-most frames of C functions and own paths (at most
@@ -226,6 +237,7 @@ int po_stack_is_own(const VALUE *frames, int n);
 /* ---- aggregate.c: (stack, labels) -> cpu ns, count, in bounded memory -------------- */
 typedef struct po_sample {
     uint64_t cpu_ns;
+    uint64_t wall_ns; /* profile type :wall only (wall.c); 0 otherwise */
     uint64_t count;
     po_labelset *labels; /* a reference held by this sample */
     uint32_t stack;
@@ -247,7 +259,7 @@ typedef struct po_agg {
     po_sample *samples;
     uint32_t *sample_index;
     uint32_t samples_used, samples_cap, sample_index_mask;
-    uint64_t dropped_samples, dropped_cpu_ns;
+    uint64_t dropped_samples, dropped_cpu_ns, dropped_wall_ns;
     uint64_t started_at_ns; /* CLOCK_REALTIME */
     uint64_t epoch;         /* new at every init and clear, from one counter that never resets */
 } po_agg;
@@ -269,6 +281,8 @@ uint32_t po_agg_record(po_agg *a, const VALUE *frames, const int *lines, int dep
 uint32_t po_agg_stack(const po_agg *a, uint32_t stack, VALUE *frames, int *lines, uint32_t cap);
 void po_agg_clear(po_agg *a);                  /* under po_lock */
 po_sample_ref po_agg_ref(const po_agg *a, uint32_t index); /* PO_NO_SAMPLE for UINT32_MAX */
+/* Under po_lock: adds wall ns to sample `index` (UINT32_MAX: to what the buffer dropped) */
+void po_agg_add_wall(po_agg *a, uint32_t index, uint64_t wall_ns);
 po_sample *po_agg_sample(po_agg *a, po_sample_ref ref);    /* under po_lock; NULL when void */
 void po_agg_mark(const po_agg *a);             /* GC mark phase */
 
@@ -299,6 +313,8 @@ typedef struct po_config {
     int max_depth;
     uint32_t max_samples;
     int no_signals; /* no timers, no SIGPROF: the ticker's postponed jobs sample instead */
+    int wall;       /* profile type :wall: every sample also carries wall time (wall.c; Ruby >= 3.2) */
+    int wall_all;   /* wall of every thread; else only while a thread has labels (a span, tags) */
 } po_config;
 
 extern volatile int po_running;
@@ -336,6 +352,26 @@ extern uint64_t po_stat_samples, po_stat_sampling_ns, po_stat_label_changes, po_
     po_stat_boundary_walks, po_stat_drawn_flushes, po_stat_skipped_busy, po_stat_skipped_off_gvl, po_stat_timer_errors;
 extern int po_stat_last_timer_errno;
 
+/* ---- wall.c: wall time, from the GVL hand-overs (Ruby >= 3.2) ------------------------ */
+/* GVL, at start: profile type :wall on, for every thread or only labelled ones; its stack
+ * buffer (raises NoMemoryError) */
+void po_wall_start(int max_depth, int on, int all);
+int po_wall_enabled(void);
+void po_wall_register_locked(po_thread *t);    /* under po_lock: t's wall is accounted from now */
+/* Under po_lock, t holding the GVL (HANDLER on t, or t itself): its wall since the last
+ * charge while holding the GVL, for a CPU charge to carry (0 when not kept) */
+uint64_t po_wall_on_gvl_locked(po_thread *t);
+/* Under po_lock, t's labels about to change or t exiting (on_gvl 0: its current stretch is
+ * not known to be on the GVL): everything not charged yet; 0 when not kept */
+uint64_t po_wall_tail_locked(po_thread *t, int on_gvl);
+void po_wall_suspended(po_thread *t);           /* NOGVL hook: released the GVL */
+void po_wall_ready(po_thread *t);               /* NOGVL hook: wants it back */
+void po_wall_resumed(po_thread *t);             /* GVL, on t's own thread: got it back */
+/* GVL, on t's thread, under po_lock, just after fiber f (its labels now t's) was switched
+ * to: the wall f spent suspended, if it has labels of its own */
+void po_wall_fiber_resumed_locked(po_thread *t, po_fiber_labels *f);
+void po_wall_fiber_suspended_locked(po_fiber_labels *f); /* under po_lock: f stops running now */
+
 /* ---- thread_events.c: per-Ruby-version thread lifecycle and GVL state --------------- */
 void po_thread_events_init(void);  /* at load */
 void po_thread_events_start(void); /* GVL, on start */
@@ -352,7 +388,7 @@ void po_ticker_stop(void);             /* GVL */
 void po_ticker_after_fork_child(void);
 
 /* ---- profiler.c: control --------------------------------------------------------------- */
-int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signals); /* GVL; 0 if running */
+int po_start(long interval_ns, int max_depth, uint32_t max_samples, int no_signals, int wall, int wall_all); /* GVL; 0 if running */
 int po_stop(void);                                                                    /* GVL; 0 if stopped */
 void po_profiler_after_fork_child(void);
 

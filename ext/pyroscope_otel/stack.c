@@ -124,6 +124,7 @@ VALUE po_frame_name(VALUE frame, int line)
                                : line == PO_LINE_FIBER_SWITCH ? "(fiber switch)"
                                : line == PO_LINE_THREAD_EXIT  ? "(thread exit)"
                                : line == PO_LINE_DROPPED      ? "(dropped)"
+                               : line == PO_LINE_GVL_WAIT     ? "(waiting for GVL)"
                                                               : "(truncated)");
     VALUE name = rb_profile_frame_full_label(frame);
     return NIL_P(name) ? rb_str_new_cstr("(unknown)") : name;

@@ -12,7 +12,15 @@
  *   EXITED    (NOGVL, on the exiting thread, however it ends): deletes its timer and frees
  *             its entry. This hook stays installed while stopped so that label slots never
  *             outlive threads.
- *   The hooks run on every GVL hand-over, so they do a thread-local read and a store.
+ *   READY     (NOGVL, only with profile type :wall): the thread wants the GVL back.
+ *   With :wall, SUSPENDED and READY also note the moment, and RESUMED charges the time
+ *   blocked and waiting for the GVL to the stack that released it (wall.c) before the
+ *   deferred CPU sample.
+ *   The hooks run on every GVL hand-over, so they do a thread-local read and a store (and
+ *   with :wall a clock read; RESUMED the lock).
+ *
+ * Ruby 3.1 has none of these events: profile type :wall is refused at start there
+ * (extension.c, and the Ruby config before it), never approximated.
  *
  * Ruby 3.1 (fallback): no thread event API. New threads are registered by a C-level
  * TracePoint on :thread_begin (GVL, on the new thread), exits seen by one on :thread_end,
@@ -65,14 +73,19 @@ static void on_gvl_event(rb_event_flag_t event, const rb_internal_thread_event_d
     po_thread *t = event_thread(data);
     if (event == RUBY_INTERNAL_THREAD_EVENT_RESUMED) { /* holds the GVL, on the thread itself */
         if (t && t->tracked) {
+            /* before holds_gvl: a timer sample in between would take the wait as GVL time */
+            if (po_cfg.wall && t->tid == po_current_tid()) po_wall_resumed(t);
             t->holds_gvl = 1;
             /* the stack can be walked only from its own thread (3.3+ may run hooks elsewhere) */
             if (t->deferred == PO_DEFER_OFF_GVL && t->tid == po_current_tid()) po_sample_deferred(t, PO_DEFER_OFF_GVL);
         } else if (po_running && !po_shares_native_thread()) { /* another Ractor's thread: M:N */
             po_thread_register_current();
         }
+    } else if (event == RUBY_INTERNAL_THREAD_EVENT_READY) {
+        if (t && t->tracked) po_wall_ready(t);
     } else if (t) {
         t->holds_gvl = 0;
+        if (po_cfg.wall && t->tracked) po_wall_suspended(t);
     }
 }
 
@@ -106,9 +119,13 @@ void po_thread_events_init(void)
 
 void po_thread_events_start(void)
 {
+    /* READY only for wall time: one hook call fewer per hand-over without it */
     if (!gvl_hook)
         gvl_hook = rb_internal_thread_add_event_hook(
-            on_gvl_event, RUBY_INTERNAL_THREAD_EVENT_RESUMED | RUBY_INTERNAL_THREAD_EVENT_SUSPENDED, NULL);
+            on_gvl_event,
+            RUBY_INTERNAL_THREAD_EVENT_RESUMED | RUBY_INTERNAL_THREAD_EVENT_SUSPENDED |
+                (po_cfg.wall ? RUBY_INTERNAL_THREAD_EVENT_READY : 0),
+            NULL);
 }
 
 void po_thread_events_stop(void)

@@ -88,6 +88,7 @@ typedef struct po_job {
     char *log_url;  /* without user info or query, for events */
     uint32_t *bounds;
     uint32_t n_chunks, next_chunk;
+    int next_part; /* of a chunk uploaded as two profiles (cpu, then wall): 1 when the cpu one went */
     int attempts;
     uint64_t next_try_ms, created_ms;
     size_t bytes;
@@ -335,18 +336,26 @@ static int send_job(CURL *curl, const po_conf *k, po_job *j, long *retry_after, 
         snprintf(err, errlen, "out of memory while encoding");
         return PO_REJECTED;
     }
-    int kind = PO_OK;
+    int kind = PO_OK, local = strncmp(j->url, "file://", 7) == 0;
     while (kind == PO_OK && j->next_chunk < j->n_chunks) {
         uint32_t from = j->next_chunk ? j->bounds[j->next_chunk - 1] : 0, to = j->bounds[j->next_chunk];
+        /* a file holds both sample types; the server gets a cpu and a wall profile (pprof.c) */
+        int types = local || !j->model->wall ? PO_TYPES_OF(j->model) : j->next_part ? PO_TYPE_WALL : PO_TYPE_CPU;
+        int last_part = types != PO_TYPE_CPU || !j->model->wall || local;
+        if (types == PO_TYPE_WALL && !po_pprof_has(j->model, from, to, types)) { /* no wall in it: nothing to send */
+            j->next_chunk++;
+            j->next_part = 0;
+            continue;
+        }
         size_t plen = 0, glen = 0;
-        uint8_t *packed = po_pprof_pack(j->model, from, to, &plen);
+        uint8_t *packed = po_pprof_pack(j->model, from, to, types, &plen);
         uint8_t *gz = packed ? po_gzip(packed, plen, &glen) : NULL;
         free(packed);
         if (!gz) {
             snprintf(err, errlen, "out of memory while encoding");
             return PO_REJECTED;
         }
-        if (strncmp(j->url, "file://", 7) == 0) {
+        if (local) {
             int r = po_local_store(j->url + 7, j->next_chunk, gz, glen, k->c.local_max_bytes, err, errlen);
             kind = r == PO_STORE_OK ? PO_OK : r == PO_STORE_RETRY ? PO_NET : PO_REJECTED;
         } else {
@@ -354,7 +363,15 @@ static int send_job(CURL *curl, const po_conf *k, po_job *j, long *retry_after, 
         }
         free(gz);
         if (kind != PO_STOPPED) (*requests)++;
-        if (kind == PO_OK) { j->next_chunk++; *sent_bytes += glen; }
+        if (kind == PO_OK) {
+            *sent_bytes += glen;
+            if (last_part) {
+                j->next_chunk++;
+                j->next_part = 0;
+            } else {
+                j->next_part = 1;
+            }
+        }
     }
     return kind;
 }

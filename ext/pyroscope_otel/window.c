@@ -10,8 +10,9 @@
  * (its frames pinned) until it is cleared at the end, also when the conversion raises
  * (rb_ensure). One take at a time: a second concurrent take gets an empty window.
  *
- * Result: { samples: [[frames, labels, cpu_ns, count], ...], dropped_samples:,
- *           dropped_cpu_ns:, started_at_ns:, ended_at_ns: }
+ * Result: { samples: [[frames, labels, cpu_ns, count, wall_ns], ...], dropped_samples:,
+ *           dropped_cpu_ns:, started_at_ns:, ended_at_ns: } (wall_ns 0 unless profile type
+ * :wall is on)
  * frames is leaf first, each [name, file, line] (line 0 where there is none); a stack is
  * one frozen Array shared by all the samples that have it. What the buffer dropped when
  * full is one more sample, frames [["(dropped)", "", 0]] and no labels, so that the
@@ -77,15 +78,15 @@ static VALUE convert(VALUE arg)
     VALUE samples = rb_ary_new_capa(a->samples_used);
     for (uint32_t i = 0; i < a->samples_used; i++) {
         po_sample *s = &a->samples[i];
-        if (s->cpu_ns == 0) continue; /* all its CPU moved to its kind's stack (attribution.c) */
-        rb_ary_push(samples, rb_ary_new_from_args(4, RARRAY_AREF(tk->stack_objs, s->stack), labels_obj(tk, s->labels),
-                                                  ULL2NUM(s->cpu_ns), ULL2NUM(s->count)));
+        if (s->cpu_ns == 0 && s->wall_ns == 0) continue; /* all its CPU moved to its kind's stack (attribution.c) */
+        rb_ary_push(samples, rb_ary_new_from_args(5, RARRAY_AREF(tk->stack_objs, s->stack), labels_obj(tk, s->labels),
+                                                  ULL2NUM(s->cpu_ns), ULL2NUM(s->count), ULL2NUM(s->wall_ns)));
     }
     if (a->dropped_samples) {
         VALUE dropped = rb_ary_new_from_args(1, frame_obj(tk, PO_FRAME_SYNTHETIC, PO_LINE_DROPPED));
         OBJ_FREEZE(dropped);
-        rb_ary_push(samples, rb_ary_new_from_args(4, dropped, labels_obj(tk, NULL), ULL2NUM(a->dropped_cpu_ns),
-                                                  ULL2NUM(a->dropped_samples)));
+        rb_ary_push(samples, rb_ary_new_from_args(5, dropped, labels_obj(tk, NULL), ULL2NUM(a->dropped_cpu_ns),
+                                                  ULL2NUM(a->dropped_samples), ULL2NUM(a->dropped_wall_ns)));
     }
     VALUE r = tk->result;
     rb_hash_aset(r, ID2SYM(rb_intern("samples")), samples);

@@ -138,7 +138,7 @@ module Pyroscope
 
     def sampler_options(config)
       config && { sample_rate: config.sample_rate, max_depth: config.max_depth, max_samples: config.max_samples,
-                  no_signals: config.no_signals }
+                  no_signals: config.no_signals, wall: config.wall?, wall_all: config.wall_scope == :all }
     end
 
     # Merges `tags` into the calling fiber's tags, or another thread's thread-wide ones (a

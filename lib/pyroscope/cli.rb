@@ -12,8 +12,9 @@ module Pyroscope
       (server_address = "file:///some/dir").
 
       Commands:
-        flamegraph   write a self-contained HTML flame graph (no network needed to view it)
-        spans        list the span ids and names found, with their CPU
+        flamegraph   write a self-contained HTML flame graph (no network needed to view it);
+                     --type wall for wall time (profiles taken with profile_types [:cpu, :wall])
+        spans        list the span ids and names found, with their CPU (and wall time)
         labels       list the label names and values found, with their CPU
     TEXT
 
@@ -47,13 +48,21 @@ module Pyroscope
         o.on("--span-id ID", "only this span's samples (profile_id or span_id label)") { |v| opts[:span_id] = v }
         o.on("--span NAME", "only samples of spans with this name (span or span_name label)") { |v| opts[:span] = v }
         o.on("--title TITLE", "the page's title") { |v| opts[:title] = v }
+        o.on("-t", "--type TYPE", %w[cpu wall], "cpu (default) or wall: what the widths are") { |v| opts[:type] = v.to_sym }
       end
       paths = parser.parse(argv)
-      graph = select(load(paths), opts)
+      type = opts[:type] || :cpu
+      loaded = load(paths)
+      if type == :wall && !loaded.wall?
+        raise ArgumentError, "no wall time in #{paths.join(", ")}: profile with profile_types = [:cpu, :wall] (Ruby >= 3.2)"
+      end
+
+      graph = select(loaded.of(type), opts)
       return nothing_matched(opts) if graph.total_ns.zero?
 
-      title = opts[:title] || "CPU flame graph"
-      subtitle = "#{format_ms(graph.total_ns)} of CPU in #{graph.samples.size} samples from #{graph.files.size} " \
+      what = type == :wall ? "wall time" : "CPU"
+      title = opts[:title] || (type == :wall ? "Wall-clock flame graph" : "CPU flame graph")
+      subtitle = "#{format_ms(graph.total_ns)} of #{what} in #{graph.samples.size} samples from #{graph.files.size} " \
                  "file(s)#{describe(opts)}"
       File.write(opts[:output], graph.to_html(title: title, subtitle: subtitle))
       @out.puts "#{opts[:output]}: #{subtitle}"
@@ -67,6 +76,14 @@ module Pyroscope
       return nothing_matched({}) if found.empty?
 
       total = graph.total_ns.nonzero? || 1
+      if graph.wall? # then the wall time of each span too: its duration, where it was in a span throughout
+        @out.puts format("%-32s  %-40s  %12s  %7s  %12s  %7s", "span id", "span name", "CPU", "share", "wall", "samples")
+        found.each do |s|
+          @out.puts format("%-32s  %-40s  %12s  %6.2f%%  %12s  %7d", s.id, s.name.to_s[0, 40], format_ms(s.cpu_ns),
+                           100.0 * s.cpu_ns / total, format_ms(s.wall_ns), s.samples)
+        end
+        return 0
+      end
       @out.puts format("%-32s  %-40s  %12s  %7s  %7s", "span id", "span name", "CPU", "share", "samples")
       found.each do |s|
         @out.puts format("%-32s  %-40s  %12s  %6.2f%%  %7d", s.id, s.name.to_s[0, 40], format_ms(s.cpu_ns),
@@ -97,14 +114,8 @@ module Pyroscope
 
     def select(graph, opts)
       graph = graph.filter(opts[:labels])
-      if opts[:span_id]
-        graph = Flamegraph.new(graph.samples.select { |s| s.labels.values_at(*Flamegraph::SPAN_ID_LABELS).include?(opts[:span_id]) },
-                               graph.files)
-      end
-      if opts[:span]
-        graph = Flamegraph.new(graph.samples.select { |s| s.labels.values_at(*Flamegraph::SPAN_NAME_LABELS).include?(opts[:span]) },
-                               graph.files)
-      end
+      graph = graph.select { |s| s.labels.values_at(*Flamegraph::SPAN_ID_LABELS).include?(opts[:span_id]) } if opts[:span_id]
+      graph = graph.select { |s| s.labels.values_at(*Flamegraph::SPAN_NAME_LABELS).include?(opts[:span]) } if opts[:span]
       graph
     end
 

@@ -11,7 +11,7 @@ module Pyroscope
     :compression, :report_encoding, :autoinstrument_rails, :http_headers,
     # this gem's own
     :logger, :upload_interval, :connect_timeout, :timeout, :queue_max_windows, :queue_max_bytes, :max_depth,
-    :max_samples, :exit_timeout, :local_max_bytes, :no_signals, :ca_file
+    :max_samples, :exit_timeout, :local_max_bytes, :no_signals, :ca_file, :profile_types, :wall_scope
   ) do
     def initialize(*)
       super
@@ -42,6 +42,17 @@ module Pyroscope
       self.exit_timeout ||= 5
       self.local_max_bytes ||= 256 << 20
       self.no_signals = false if no_signals.nil?
+      self.profile_types ||= [:cpu]
+      self.wall_scope ||= :labelled
+    end
+
+    PROFILE_TYPES = %i[cpu wall].freeze
+    # :labelled: a thread's wall time only while it has labels (a span, tags), so that idle
+    # workers waiting on a queue do not fill the wall profile; :all: every thread's.
+    WALL_SCOPES = %i[labelled all].freeze
+
+    def wall?
+      Array(profile_types).map { |t| t.to_s.to_sym }.include?(:wall)
     end
 
     # Environment variables the `pyroscope` gem and its agents read, and the member each
@@ -70,6 +81,8 @@ module Pyroscope
 
         self[member] = member == :sample_rate ? integer_env(var, value) : value
       end
+      types = env["PYROSCOPE_PROFILE_TYPES"]
+      self.profile_types = types.split(",").map(&:strip).reject(&:empty?) unless types.nil? || types.strip.empty?
       self
     end
 
@@ -110,6 +123,7 @@ module Pyroscope
       check_integer(:local_max_bytes, 1024..(1 << 50))
       check_integer(:max_depth, 1..4096)
       check_integer(:max_samples, 16..(1 << 24))
+      check_profile_types
       self
     end
 
@@ -134,6 +148,36 @@ module Pyroscope
     end
 
     private
+
+    # profile_types: an Array of :cpu and :wall (Strings accepted, as from
+    # PYROSCOPE_PROFILE_TYPES), :cpu always among them; normalized to Symbols.
+    def check_profile_types
+      types = profile_types
+      unless types.is_a?(Array) && !types.empty?
+        raise ArgumentError, "profile_types must be an Array of #{PROFILE_TYPES.inspect}, got #{types.inspect}"
+      end
+      symbols = types.map do |t|
+        sym = (t.is_a?(String) || t.is_a?(Symbol)) && t.to_s.strip.downcase.to_sym
+        unless PROFILE_TYPES.include?(sym)
+          raise ArgumentError, "profile_types: unknown profile type #{t.inspect} (known: #{PROFILE_TYPES.map(&:inspect).join(", ")})"
+        end
+
+        sym
+      end.uniq
+      unless symbols.include?(:cpu)
+        raise ArgumentError, "profile_types must include :cpu (the wall type rides on the CPU samples), got #{types.inspect}"
+      end
+      if symbols.include?(:wall) && !Native::WALL_SUPPORTED
+        raise ArgumentError, "profile_types: :wall needs Ruby >= 3.2 (its GVL hand-over events, which give exact " \
+                             "wall time); this is Ruby #{RUBY_VERSION}: use [:cpu]"
+      end
+      wall = wall_scope.is_a?(String) ? wall_scope.to_sym : wall_scope
+      unless WALL_SCOPES.include?(wall)
+        raise ArgumentError, "wall_scope must be one of #{WALL_SCOPES.map(&:inspect).join(", ")}, got #{wall_scope.inspect}"
+      end
+      self.wall_scope = wall
+      self.profile_types = symbols
+    end
 
     def integer_env(var, value)
       Integer(value, 10)

@@ -5,7 +5,8 @@ require "pyroscope/native"
 
 module Pyroscope
   # Profiles read back from pprof files (the local target's, or any CPU pprof), filtered
-  # by labels and rendered as a self-contained HTML flame graph with d3-flame-graph.
+  # by labels and rendered as a self-contained HTML flame graph with d3-flame-graph, of
+  # CPU or (profiles with profile type :wall) of wall time.
   class Flamegraph
     ASSETS = File.join(__dir__, "flamegraph", "assets")
     SCRIPTS = %w[d3-d3.min.js d3-flame-graph-d3-flamegraph.min.js d3-flame-graph-d3-flamegraph-tooltip.min.js].freeze
@@ -14,10 +15,12 @@ module Pyroscope
     SPAN_NAME_LABELS = %w[span span_name].freeze
     PROFILE_FILES = "*.{pb.gz,pprof,pb,pprof.gz}"
 
-    Sample = Struct.new(:frames, :labels, :cpu_ns) # frames leaf first, each [name, file, line]
-    Span = Struct.new(:id, :name, :cpu_ns, :samples)
+    # frames leaf first, each [name, file, line]; wall_ns 0 in profiles without the wall type
+    Sample = Struct.new(:frames, :labels, :cpu_ns, :wall_ns)
+    Span = Struct.new(:id, :name, :cpu_ns, :samples, :wall_ns)
+    TYPES = %i[cpu wall].freeze
 
-    attr_reader :samples, :files
+    attr_reader :samples, :files, :type
 
     # Reads files and directories (their *.pb.gz, *.pprof files). Raises ArgumentError
     # naming a path that is missing or not a profile.
@@ -34,26 +37,51 @@ module Pyroscope
 
     def self.read(file)
       profile = Native.read_pprof(File.binread(file))
-      index = profile[:sample_types].index(%w[cpu nanoseconds]) || 0
-      profile[:samples].map { |frames, labels, values| Sample.new(frames, labels, values[index].to_i) }
+      wall = profile[:sample_types].index(%w[wall nanoseconds])
+      cpu = profile[:sample_types].index(%w[cpu nanoseconds]) || (wall ? nil : 0) # a foreign CPU profile: its first type
+      profile[:samples].map do |frames, labels, values|
+        Sample.new(frames, labels, cpu ? values[cpu].to_i : 0, wall ? values[wall].to_i : 0)
+      end
     rescue ArgumentError => e
       raise ArgumentError, "#{file}: #{e.message}"
     end
 
-    def initialize(samples, files = [])
+    # type: which value the graph and its totals are of, :cpu or :wall.
+    def initialize(samples, files = [], type: :cpu)
+      raise ArgumentError, "type must be one of #{TYPES.join(", ")}, got #{type.inspect}" unless TYPES.include?(type)
+
       @samples = samples
       @files = files
+      @type = type
     end
 
     # Only the samples that carry every given label (String => String).
     def filter(labels)
       return self if labels.empty?
 
-      self.class.new(@samples.select { |s| labels.all? { |k, v| s.labels[k] == v } }, @files)
+      select { |s| labels.all? { |k, v| s.labels[k] == v } }
+    end
+
+    # The samples the block accepts, as a graph of the same type.
+    def select(&block)
+      self.class.new(@samples.select(&block), @files, type: @type)
+    end
+
+    # The same samples, graphed by another value.
+    def of(type)
+      self.class.new(@samples, @files, type: type)
+    end
+
+    def value(sample)
+      @type == :wall ? sample.wall_ns.to_i : sample.cpu_ns
     end
 
     def total_ns
-      @samples.sum(&:cpu_ns)
+      @samples.sum { |s| value(s) }
+    end
+
+    def wall?
+      @samples.any? { |s| s.wall_ns.to_i.positive? }
     end
 
     # The spans found, by span id (profile_id or span_id) and name (span or span_name),
@@ -65,27 +93,29 @@ module Pyroscope
         next unless id
 
         name = s.labels.values_at(*SPAN_NAME_LABELS).compact.first
-        span = (found[[id, name]] ||= Span.new(id, name, 0, 0))
+        span = (found[[id, name]] ||= Span.new(id, name, 0, 0, 0))
         span.cpu_ns += s.cpu_ns
+        span.wall_ns += s.wall_ns.to_i
         span.samples += 1
       end
-      found.values.sort_by { |span| [-span.cpu_ns, span.id] }
+      found.values.sort_by { |span| [@type == :wall ? -span.wall_ns : -span.cpu_ns, span.id] }
     end
 
-    # The call tree, root first: nodes { name:, file:, line:, value: (CPU ns, inclusive),
-    # children: [] }, frames merged by function name and file; `line` is the line that
-    # used the most CPU under it.
+    # The call tree, root first: nodes { name:, file:, line:, value: (ns of the graph's
+    # type, inclusive), children: [] }, frames merged by function name and file; `line` is
+    # the line with the most of it under it.
     def tree
       root = node("all", "")
       @samples.each do |s|
-        next unless s.cpu_ns.positive?
+        ns = value(s)
+        next unless ns.positive?
 
-        root[:value] += s.cpu_ns
+        root[:value] += ns
         at = root
         s.frames.reverse_each do |name, file, line|
           at = (at[:kids][[name, file]] ||= node(name, file))
-          at[:value] += s.cpu_ns
-          at[:lines][line] += s.cpu_ns
+          at[:value] += ns
+          at[:lines][line] += ns
         end
       end
       finish(root)
@@ -102,7 +132,7 @@ module Pyroscope
       data = JSON.generate(tree).gsub("</", "<\\/")
       scripts = SCRIPTS.map { |a| "<script>#{File.read(File.join(ASSETS, a)).gsub("</script", "<\\/script")}</script>" }
       format(TEMPLATE, title: escape(title), subtitle: escape(subtitle), style: File.read(File.join(ASSETS, STYLE)),
-                       scripts: scripts.join("\n"), data: data)
+                       scripts: scripts.join("\n"), data: data, what: @type == :wall ? "wall" : "CPU")
     end
 
     class Error < StandardError; end
@@ -160,10 +190,10 @@ module Pyroscope
       const pct = ns => (100 * ns / total).toFixed(2) + "%%";
       const esc = s => String(s).replace(/[&<>"]/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
       const where = d => d.data.file ? d.data.file + (d.data.line ? ":" + d.data.line : "") : "";
-      const text = d => d.data.name + "  " + ms(d.value) + " CPU, " + pct(d.value) + (where(d) ? "  " + where(d) : "");
+      const text = d => d.data.name + "  " + ms(d.value) + " %<what>s, " + pct(d.value) + (where(d) ? "  " + where(d) : "");
       const tip = flamegraph.tooltip.defaultFlamegraphTooltip().html(d =>
         "<b>" + esc(d.data.name) + "</b><br><span class=\\"file\\">" + esc(where(d)) + "</span><br>" +
-        ms(d.value) + " CPU, " + pct(d.value) + " of the total");
+        ms(d.value) + " %<what>s, " + pct(d.value) + " of the total");
       const chartEl = document.getElementById("chart");
       const chart = flamegraph().width(chartEl.clientWidth).cellHeight(18).minFrameSize(1).sort(true)
         .transitionDuration(250).label(text).tooltip(tip).setDetailsElement(document.getElementById("details"));

@@ -23,12 +23,18 @@ module Pyroscope
       #   no_signals:  no timers and no SIGPROF at all (see ticker.c): on Ruby >= 3.3 the
       #                thread holding the GVL is sampled by a postponed job every interval of
       #                wall time; before 3.3 CPU is recorded only where labels change
+      #   wall:        every sample also carries wall time (blocked, waiting for the GVL,
+      #                holding it; see wall.c). Ruby >= 3.2 (WALL_SUPPORTED): ArgumentError before
+      #   wall_all:    wall time of every thread; by default only while a thread has labels
+      #                (a span, tags), so that idle pool threads do not fill the profile
       def start(sample_rate: DEFAULT_SAMPLE_RATE, max_depth: DEFAULT_MAX_DEPTH, max_samples: DEFAULT_MAX_SAMPLES,
-                no_signals: false)
-        raise ArgumentError, "no_signals must be true or false, got #{no_signals.inspect}" unless [true, false].include?(no_signals)
+                no_signals: false, wall: false, wall_all: false)
+        { no_signals: no_signals, wall: wall, wall_all: wall_all }.each do |name, value|
+          raise ArgumentError, "#{name} must be true or false, got #{value.inspect}" unless [true, false].include?(value)
+        end
 
         options = [integer(:sample_rate, sample_rate), integer(:max_depth, max_depth),
-                   integer(:max_samples, max_samples), no_signals]
+                   integer(:max_samples, max_samples), no_signals, wall, wall_all]
         started = _start(*options)
         @started_with = options if started
         started

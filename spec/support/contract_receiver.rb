@@ -204,6 +204,7 @@ class ContractReceiver
     record[:profile] = profile
     check_profile(profile, params, problems)
     record[:samples] = PprofDecoder.samples(profile)
+    record[:profile_type_ids] = PprofDecoder.profile_type_ids(profile)
     record
   rescue StandardError => e
     problems << "undecodable body: #{e.class}: #{e.message}"
@@ -214,9 +215,11 @@ class ContractReceiver
     st = profile.string_table
     problems << "string_table[0] #{st[0].inspect}" unless st[0] == ""
     types = profile.sample_type.map { |t| [st[t.type], st[t.unit]] }
-    problems << "sample_type #{types}" unless types == [%w[cpu nanoseconds]]
+    # a CPU profile, or (profile type :wall) a wall one beside it: never both in one, as the
+    # server would name the CPU type after the wall one (PprofDecoder.profile_type_ids)
+    problems << "sample_type #{types}" unless [[%w[cpu nanoseconds]], [%w[wall nanoseconds]]].include?(types)
     period = [st[profile.period_type.type], st[profile.period_type.unit]]
-    problems << "period_type #{period}" unless period == %w[cpu nanoseconds]
+    problems << "period_type #{period}" unless period == types.first
     problems << "period #{profile.period}" unless profile.period == 1_000_000_000 / Integer(params["sampleRate"])
     problems << "time_nanos" unless profile.time_nanos.positive? && profile.duration_nanos >= 0
     problems << "#{profile.sample.size} samples" if profile.sample.size > 16_000

@@ -41,9 +41,13 @@ module PprofDecoder
     Zlib::GzipReader.new(StringIO.new(gz)).read
   end
 
-  # [{ frames: [[name, file, line], ...] leaf first, labels: {}, cpu_ns: }]
+  # [{ frames: [[name, file, line], ...] leaf first, labels: {}, cpu_ns:, wall_ns: }]: the
+  # values of the cpu and wall sample types (0 for a type the profile does not have)
   def samples(profile)
     st = profile.string_table
+    types = profile.sample_type.map { |t| st[t.type] }
+    cpu = types.index("cpu")
+    wall = types.index("wall")
     functions = profile.function.to_h { |f| [f.id, f] }
     locations = profile.location.to_h { |l| [l.id, l] }
     profile.sample.map do |s|
@@ -52,7 +56,21 @@ module PprofDecoder
         fn = functions.fetch(line.function_id)
         [st[fn.name], st[fn.filename], line.line]
       end
-      { frames: frames, labels: s.label.to_h { |l| [st[l.key], st[l.str]] }, cpu_ns: s.value.first }
+      { frames: frames, labels: s.label.to_h { |l| [st[l.key], st[l.str]] },
+        cpu_ns: cpu ? s.value[cpu] : 0, wall_ns: wall ? s.value[wall] : 0 }
     end
+  end
+
+  # The profile type ids Pyroscope derives from a profile pushed to /ingest, per sample
+  # type (grafana/pyroscope: pkg/og/convert/pprof/profile.go RawProfile.metricName names
+  # the whole profile "wall" when any sample type is "wall", else "process_cpu" for a
+  # type containing "cpu"; pkg/phlaredb/labels/labels.go joins
+  # name:type:unit:period type:period unit).
+  def profile_type_ids(profile)
+    st = profile.string_table
+    types = profile.sample_type.map { |t| [st[t.type], st[t.unit]] }
+    name = types.any? { |t, _| t == "wall" } ? "wall" : (types.any? { |t, _| t.include?("cpu") } ? "process_cpu" : types.last&.first)
+    period = [st[profile.period_type.type], st[profile.period_type.unit]]
+    types.map { |t, u| [name, t, u, *period].join(":") }
   end
 end
