@@ -1,7 +1,7 @@
 /*
  * label_slots.c — whose labels a thread's samples carry: per-fiber labels, span labels,
  * thread-wide labels, and the fiber switch. Binding: Native.set_labels, labels,
- * fiber_labels, set_fiber_labels, set_thread_labels, push_span, pop_span.
+ * fiber_labels, change_fiber_tags, set_thread_labels, push_span, pop_span.
  *
  * The OpenTelemetry context lives per Fiber, so the labels do too. A fiber that sets
  * labels gets a Pyroscope::Native::FiberLabels object, kept in its fiber-local storage
@@ -358,15 +358,6 @@ static VALUE native_fiber_labels(VALUE self)
     return current_object(1);
 }
 
-/* set_fiber_labels(fiber_labels, hash_or_nil): that fiber's tags, from whichever fiber or
- * thread is running. */
-static VALUE native_set_fiber_labels(VALUE self, VALUE obj, VALUE labels)
-{
-    (void)self;
-    change_tags(obj, labels, 0);
-    return Qnil;
-}
-
 /* change_fiber_tags(fiber_labels, tags): tags merged into that fiber's (a nil value
  * removes the key); returns the previous values of the keys changed (nil for absent),
  * which restore them when passed back. */
@@ -468,12 +459,6 @@ static VALUE native_labels(VALUE self)
     return t ? hash_of(&t->labels) : rb_hash_new();
 }
 
-/* FiberLabels#to_h: the fiber's tags. */
-static VALUE fiber_labels_to_h(VALUE obj)
-{
-    return hash_of(&fiber_labels_of(obj)->tags);
-}
-
 /* The live Ruby thread whose native thread id is `tid`, or nil */
 static VALUE thread_with_tid(VALUE tid)
 {
@@ -540,7 +525,6 @@ void po_label_slots_init(VALUE mNative)
     id_fiber_labels = rb_intern("__pyroscope_otel_fiber_labels");
     cFiberLabels = rb_define_class_under(mNative, "FiberLabels", rb_cObject);
     rb_undef_alloc_func(cFiberLabels);
-    rb_define_method(cFiberLabels, "to_h", fiber_labels_to_h, 0);
     cSpanLabels = rb_define_class_under(mNative, "SpanLabels", rb_cObject);
     rb_undef_alloc_func(cSpanLabels);
 
@@ -551,7 +535,6 @@ void po_label_slots_init(VALUE mNative)
     rb_define_singleton_method(mNative, "set_labels", native_set_labels, 1);
     rb_define_singleton_method(mNative, "labels", native_labels, 0);
     rb_define_singleton_method(mNative, "fiber_labels", native_fiber_labels, 0);
-    rb_define_singleton_method(mNative, "set_fiber_labels", native_set_fiber_labels, 2);
     rb_define_singleton_method(mNative, "change_fiber_tags", native_change_fiber_tags, 2);
     rb_define_singleton_method(mNative, "set_thread_labels", native_set_thread_labels, 2);
     rb_define_singleton_method(mNative, "push_span", native_push_span, -1);
