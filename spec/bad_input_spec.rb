@@ -10,14 +10,7 @@ RSpec.describe "Bad input" do
 
   after { Pyroscope.shutdown }
 
-  def configure(**members)
-    Pyroscope.configure do |c|
-      c.application_name = "bad.input"
-      c.server_address = "http://127.0.0.1:9"
-      c.logger = Logger.new(nil)
-      members.each { |k, v| c[k] = v }
-    end
-  end
+  def configure(**members) = configure_pyroscope("bad.input", "http://127.0.0.1:9", **members)
 
   WRONG = {
     application_name: [42, "has space", "{x}"], # nil or "": from OpenTelemetry (service_name_spec)

@@ -14,15 +14,7 @@ RSpec.describe "The local target" do
     FileUtils.rm_rf(dir)
   end
 
-  def configure(**members)
-    Pyroscope.configure do |c|
-      c.application_name = "local/app"
-      c.server_address = "file://#{dir}/profiles"
-      c.logger = Logger.new(nil)
-      c.tags = { "region" => "test" }
-      members.each { |k, v| c[k] = v }
-    end
-  end
+  def configure(**members) = configure_pyroscope("local/app", "file://#{dir}/profiles", tags: { "region" => "test" }, **members)
 
   def files = Dir[File.join(dir, "profiles", "*.pb.gz")].sort
 

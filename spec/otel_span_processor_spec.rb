@@ -45,11 +45,7 @@ RSpec.describe Pyroscope::Otel::SpanProcessor do
 
     it "takes app_name and endpoint from Pyroscope.current_config when built without them" do
       bare = described_class.new # before configure: read when used
-      Pyroscope.configure do |c|
-        c.application_name = "configured.app"
-        c.server_address = "http://127.0.0.1:9"
-        c.logger = Logger.new(nil)
-      end
+      configure_pyroscope("configured.app", "http://127.0.0.1:9")
       expect(bare.app_name).to eq("configured.app.cpu")
       expect(bare.pyroscope_endpoint).to eq(URI("http://127.0.0.1:9"))
     ensure
@@ -259,13 +255,7 @@ RSpec.describe Pyroscope::Otel::SpanProcessor do
       receiver.close
     end
 
-    def configure
-      Pyroscope.configure do |c|
-        c.application_name = "rideshare.ruby"
-        c.server_address = receiver.url
-        c.logger = Logger.new(nil)
-      end
-    end
+    def configure = configure_pyroscope("rideshare.ruby", receiver.url)
 
     def handle(vehicle, seconds = 0.1)
       name = "#{vehicle.capitalize}Handler"

@@ -17,14 +17,7 @@ RSpec.describe Pyroscope do
     Pyroscope::Native.set_thread_labels(Thread.current, nil)
   end
 
-  def configure(**members)
-    described_class.configure do |c|
-      c.application_name = "api.app"
-      c.server_address = receiver.url
-      c.logger = Logger.new(log)
-      members.each { |k, v| c[k] = v }
-    end
-  end
+  def configure(**members) = configure_pyroscope("api.app", receiver.url, logger: Logger.new(log), **members)
 
   describe ".configure" do
     it "accepts every member of both generations of the pyroscope gem and starts profiling" do

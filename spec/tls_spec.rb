@@ -48,15 +48,8 @@ RSpec.describe "Uploading to a server with an untrusted certificate" do
       nil
     end
 
-    Pyroscope.configure do |c|
-      c.application_name = "tls.app"
-      c.server_address = "https://127.0.0.1:#{tcp.addr[1]}"
-      c.logger = Logger.new(log)
-      c.log_level = "info"
-      c.upload_interval = 0.3
-      c.connect_timeout = 1
-      c.timeout = 2
-    end
+    configure_pyroscope("tls.app", "https://127.0.0.1:#{tcp.addr[1]}", logger: Logger.new(log), log_level: "info",
+                        upload_interval: 0.3, connect_timeout: 1, timeout: 2)
     failed_before = Pyroscope::Native.upload_stats[:windows_failed] + Pyroscope::Native.upload_stats[:retries]
     4.times { Workload.new.heavy(0.1) && sleep(0.35) }
     Pyroscope.shutdown

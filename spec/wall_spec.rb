@@ -83,12 +83,7 @@ RSpec.describe "Wall-clock profiles (profile_types [:cpu, :wall])" do
       end
 
       it "charges every span its duration, the sleep and the read their own wall time, and keeps its CPU" do
-        Pyroscope.configure do |c|
-          c.application_name = "wall.spec"
-          c.server_address = receiver.url
-          c.logger = Logger.new(nil)
-          c.profile_types = %i[cpu wall]
-        end
+        configure_pyroscope("wall.spec", receiver.url, profile_types: %i[cpu wall])
         stop = false
         hog = Thread.new { x = 0; x += 1 until stop } # pure Ruby: holds the GVL for whole time slices
         reader, writer = IO.pipe
@@ -196,12 +191,7 @@ RSpec.describe "Wall-clock profiles (profile_types [:cpu, :wall])" do
       expect(on_sleep).to be_within(0.15 * slept).of(slept)
 
       dir = Dir.mktmpdir("wall-fork")
-      Pyroscope.configure do |c|
-        c.application_name = "wall.fork"
-        c.server_address = "file://#{dir}"
-        c.logger = Logger.new(nil)
-        c.profile_types = %i[cpu wall]
-      end
+      configure_pyroscope("wall.fork", "file://#{dir}", profile_types: %i[cpu wall])
       pid = fork do # the child restarts profiling as it was configured, :wall included
         Pyroscope.tag_wrapper({ "span" => "child" }) { sleep 0.1 }
         Pyroscope.shutdown
@@ -217,12 +207,7 @@ RSpec.describe "Wall-clock profiles (profile_types [:cpu, :wall])" do
 
     it "writes local files with both types, which the CLI graphs by wall time and lists per span" do
       dir = Dir.mktmpdir("wall-local")
-      Pyroscope.configure do |c|
-        c.application_name = "wall.local"
-        c.server_address = "file://#{dir}"
-        c.logger = Logger.new(nil)
-        c.profile_types = %i[cpu wall]
-      end
+      configure_pyroscope("wall.local", "file://#{dir}", profile_types: %i[cpu wall])
       started = mono
       slept = nil
       Pyroscope.tag_wrapper({ "profile_id" => "00000000000000aa", "span" => "Slow" }) do

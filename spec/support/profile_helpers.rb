@@ -46,6 +46,17 @@ module ProfileHelpers
     Array.new(count) { measured.pop }.sum
   end
 
+  # Pyroscope.configure as most examples need it: a name, a server (a URL or file://), a
+  # silent logger unless given one, then any other members. Returns the configuration.
+  def configure_pyroscope(name, server, logger: Logger.new(nil), **members)
+    Pyroscope.configure do |c|
+      c.application_name = name
+      c.server_address = server
+      c.logger = logger
+      members.each { |k, v| c[k] = v }
+    end
+  end
+
   def take_samples
     Pyroscope::Native.take_window.fetch(:samples)
   end
