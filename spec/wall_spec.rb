@@ -14,7 +14,7 @@ RSpec.describe "Wall-clock profiles (profile_types [:cpu, :wall])" do
 
   def mono = Process.clock_gettime(Process::CLOCK_MONOTONIC)
 
-  def sleep_frame?(name) = name.match?(/\AKernel[#.]sleep\z/)
+  def sleep_frame?(name) = name.match?(WallSpans::SLEEP_FRAME)
 
   def config(**members)
     Pyroscope::Config.new.tap do |c|
@@ -69,13 +69,6 @@ RSpec.describe "Wall-clock profiles (profile_types [:cpu, :wall])" do
 
     describe "spans that compute, sleep and wait on a pipe while another thread hogs the GVL" do
       let(:receiver) { ContractReceiver.new }
-      let(:spans) { OpenTelemetry::SDK::Trace::Export::InMemorySpanExporter.new }
-      let(:tracer) do
-        OpenTelemetry::SDK::Trace::TracerProvider.new.tap do |p|
-          p.add_span_processor(Pyroscope::Otel::SpanProcessor.new("wall.spec", receiver.url))
-          p.add_span_processor(OpenTelemetry::SDK::Trace::Export::SimpleSpanProcessor.new(spans))
-        end.tracer("spec")
-      end
 
       after do
         Pyroscope.shutdown
@@ -84,29 +77,8 @@ RSpec.describe "Wall-clock profiles (profile_types [:cpu, :wall])" do
 
       it "charges every span its duration, the sleep and the read their own wall time, and keeps its CPU" do
         configure_pyroscope("wall.spec", receiver.url, profile_types: %i[cpu wall])
-        stop = false
-        hog = Thread.new { x = 0; x += 1 until stop } # pure Ruby: holds the GVL for whole time slices
-        reader, writer = IO.pipe
-        writes = Queue.new
-        feeder = Thread.new { while (delay = writes.pop); sleep delay; writer.write("x"); end }
-        measured = {}
-        6.times do
-          tracer.in_span("WallSpan") do |span|
-            m = { cpu: thread_cpu }
-            work.heavy(0.015)
-            t = mono
-            sleep 0.025
-            m[:sleep] = mono - t
-            writes << 0.02
-            t = mono
-            reader.read(1)
-            m[:read] = mono - t
-            m[:cpu] = thread_cpu - m[:cpu]
-            measured[span.attributes["pyroscope.profile.id"]] = m
-          end
-        end
-        stop = true
-        [hog, feeder.tap { writes << nil }].each(&:join)
+        spans = WallSpans.new(receiver.url)
+        measured = spans.run(6)
         Pyroscope.shutdown
         receiver.wait_for(2)
         expect(receiver.violations).to be_empty
@@ -114,17 +86,17 @@ RSpec.describe "Wall-clock profiles (profile_types [:cpu, :wall])" do
         expect(ids).to eq(%w[process_cpu:cpu:nanoseconds:cpu:nanoseconds wall:wall:nanoseconds:wall:nanoseconds])
 
         waited = 0
-        spans.finished_spans.each do |span|
+        spans.finished.finished_spans.each do |span|
           id = span.attributes["pyroscope.profile.id"]
           m = measured.fetch(id)
           mine = receiver.samples.select { |s| s[:labels]["span_id"] == id || s[:labels]["profile_id"] == id }
-          wall = ->(&pick) { mine.select { |s| pick.call(s[:frames].map(&:first)) }.sum { |s| s[:wall_ns] } / 1e9 }
+          got = WallSpans.profiled(mine.map { |s| [s[:frames].map(&:first), s[:cpu_ns], s[:wall_ns]] })
           duration = (span.end_timestamp - span.start_timestamp) / 1e9
-          expect(wall.call { true }).to be_within(0.1 * duration).of(duration)
-          expect(wall.call { |names| names.any? { |n| sleep_frame?(n) } }).to be_within(0.15 * m[:sleep]).of(m[:sleep])
-          expect(wall.call { |names| names.include?("IO#read") }).to be_within(0.15 * m[:read]).of(m[:read])
-          expect(mine.sum { |s| s[:cpu_ns] } / 1e9).to be_within(0.2 * m[:cpu] + 0.002).of(m[:cpu])
-          waited += wall.call { |names| names.first == "(waiting for GVL)" }
+          expect(got[:total]).to be_within(0.1 * duration).of(duration)
+          expect(got[:sleep]).to be_within(0.15 * m[:sleep]).of(m[:sleep])
+          expect(got[:read]).to be_within(0.15 * m[:read]).of(m[:read])
+          expect(got[:cpu]).to be_within(0.2 * m[:cpu] + 0.002).of(m[:cpu])
+          waited += got[:gvl]
         end
         expect(waited).to be > 0.05 # the hog held the GVL when the sleeps and reads ended
       end
