@@ -13,7 +13,6 @@ RSpec.describe Pyroscope do
     receiver.close
     # tags outlive shutdown, as in the pyroscope gem
     Pyroscope::Native.set_labels(nil)
-    Thread.current.thread_variable_set(Pyroscope::THREAD_TAGS, nil)
     Pyroscope::Native.set_thread_labels(Thread.current, nil)
   end
 
@@ -231,9 +230,27 @@ RSpec.describe Pyroscope do
         go.pop
         Pyroscope::Native.labels
       end
-      described_class._add_tags(ready.pop, { "set" => "from outside" })
+      id = ready.pop
+      described_class._add_tags(id, { "set" => "from outside" })
+      described_class._add_tags(id, { region: :eu, "n" => 7 }) # merged; keys and values by their to_s
+      described_class._remove_tags(id, ["n"])
       go << true
-      expect(other.value).to eq("set" => "from outside")
+      expect(other.value).to eq("set" => "from outside", "region" => "eu")
+    end
+
+    it "merges another thread's thread-wide tags as a fiber's: the previous values back, nil removes a key" do
+      native = Pyroscope::Native
+      go = Queue.new
+      other = Thread.new { go.pop }
+      Thread.pass until other.native_thread_id
+      expect(native.change_thread_tags(other, { "a" => "1", "b" => "x" })).to eq("a" => nil, "b" => nil)
+      previous = native.change_thread_tags(other, { "a" => 2, :b => nil, "c" => "3" })
+      expect(previous).to eq("a" => "1", "b" => "x", "c" => nil)
+      expect(native.change_thread_tags(other, previous)).to eq("a" => "2", "b" => nil, "c" => "3")
+      expect { native.change_thread_tags(other, "a=1") }.to raise_error(ArgumentError, /tags must be a Hash/)
+      go << true
+      other.join
+      expect(native.change_thread_tags(other, { "late" => "x" })).to be_nil # ended: no entry
     end
 
     it "tag and remove_tags still work, with a deprecation warning" do

@@ -1,7 +1,8 @@
 /*
  * label_slots.c — whose labels a thread's samples carry: per-fiber labels, span labels,
  * thread-wide labels, and the fiber switch. Binding: Native.set_labels, labels,
- * fiber_labels, change_fiber_tags, set_thread_labels, push_span, pop_span.
+ * fiber_labels, change_fiber_tags, set_thread_labels, change_thread_tags, push_span,
+ * pop_span.
  *
  * The OpenTelemetry context lives per Fiber, so the labels do too. A fiber that sets
  * labels gets a Pyroscope::Native::FiberLabels object, kept in its fiber-local storage
@@ -302,12 +303,13 @@ static VALUE drop_base(VALUE p)
     return Qnil;
 }
 
-/* the fiber's tags with the changes applied; its current set is held meanwhile: a tag's
- * to_s may run Ruby code, and so let another thread change them */
-static po_labelset *applied(struct tags_arg *a, po_fiber_labels *f)
+/* the set in *slot (a fiber's tags, a thread's thread-wide labels) with the changes
+ * applied; that set is held meanwhile: a tag's to_s may run Ruby code, and so let another
+ * thread change it */
+static po_labelset *applied(struct tags_arg *a, po_labelset *const *slot)
 {
     po_lock();
-    a->base = f->tags;
+    a->base = *slot;
     po_labelset_ref(a->base);
     po_unlock();
     return (po_labelset *)rb_ensure(apply_changes, (VALUE)a, drop_base, (VALUE)a);
@@ -317,7 +319,7 @@ static VALUE set_tags(VALUE p)
 {
     struct tags_arg *a = (struct tags_arg *)p;
     po_fiber_labels *f = fiber_labels_of(a->obj);
-    po_labelset *tags = a->apply ? applied(a, f) : po_labelset_from_hash(a->labels);
+    po_labelset *tags = a->apply ? applied(a, &f->tags) : po_labelset_from_hash(a->labels);
     po_lock();
     po_labelset_unref(f->tags);
     f->tags = tags;
@@ -474,13 +476,14 @@ static VALUE thread_with_tid(VALUE tid)
     return Qnil;
 }
 
-/* set_thread_labels(thread, hash_or_nil): a thread's thread-wide labels, under every one
- * of its fibers' own (a Thread, or its native thread id). Another thread's stack is not
- * ours to walk, so its CPU since its last sample goes to the new labels. False when the
- * thread has not started or has ended, or the thread table is full. */
-static VALUE native_set_thread_labels(VALUE self, VALUE thread, VALUE labels)
+/* A thread's thread-wide labels, under every one of its fibers' own (a Thread, or its
+ * native thread id): `labels` replaces them, or, with `previous`, is merged into them as
+ * change_fiber_tags merges a fiber's tags (*previous: the changed keys' previous values).
+ * Another thread's stack is not ours to walk, so its CPU since its last sample goes to the
+ * new labels. False when the thread has not started or has ended, or the thread table is
+ * full. */
+static VALUE label_thread(VALUE thread, VALUE labels, VALUE *previous)
 {
-    (void)self;
     /* A native id stands for the Ruby thread running there: the entry is that thread's,
      * so its end releases it. (Claimed by tid alone, it was bound to no thread: nothing
      * released it, and a later thread given the same tid inherited its labels.) A tid no
@@ -492,13 +495,15 @@ static VALUE native_set_thread_labels(VALUE self, VALUE thread, VALUE labels)
     po_thread *t = self_thread ? current_entry() : po_thread_of_thread(thread, 1);
     if (!t && po_threads_refused != refused) warn_once_table_full();
     if (!t) return Qfalse;
-    po_labelset *base = po_labelset_from_hash(labels);
+    struct tags_arg a = { Qnil, labels, 1, Qnil, NULL };
+    po_labelset *base = previous ? applied(&a, &t->base) : po_labelset_from_hash(labels);
     po_lock();
     if (!t->tid || t->owner != thread) { /* it exited meanwhile (exit hooks run without the GVL) */
         po_labelset_unref(base);
         po_unlock();
         return Qfalse;
     }
+    if (previous) *previous = a.previous;
     po_labelset_unref(t->base);
     t->base = base;
     po_fiber_labels *f = t->fiber;
@@ -520,6 +525,24 @@ static VALUE native_set_thread_labels(VALUE self, VALUE thread, VALUE labels)
     return still ? Qtrue : Qfalse;
 }
 
+/* set_thread_labels(thread, hash_or_nil): replaces a thread's thread-wide labels; true, or
+ * false when it has no entry (label_thread). */
+static VALUE native_set_thread_labels(VALUE self, VALUE thread, VALUE labels)
+{
+    (void)self;
+    return label_thread(thread, labels, NULL);
+}
+
+/* change_thread_tags(thread, tags): tags merged into a thread's thread-wide labels (a nil
+ * value removes the key); the previous values of the keys changed, or nil when the thread
+ * has no entry (label_thread). */
+static VALUE native_change_thread_tags(VALUE self, VALUE thread, VALUE tags)
+{
+    (void)self;
+    VALUE previous = Qnil;
+    return RTEST(label_thread(thread, tags, &previous)) ? previous : Qnil;
+}
+
 void po_label_slots_init(VALUE mNative)
 {
     id_fiber_labels = rb_intern("__pyroscope_otel_fiber_labels");
@@ -537,6 +560,7 @@ void po_label_slots_init(VALUE mNative)
     rb_define_singleton_method(mNative, "fiber_labels", native_fiber_labels, 0);
     rb_define_singleton_method(mNative, "change_fiber_tags", native_change_fiber_tags, 2);
     rb_define_singleton_method(mNative, "set_thread_labels", native_set_thread_labels, 2);
+    rb_define_singleton_method(mNative, "change_thread_tags", native_change_thread_tags, 2);
     rb_define_singleton_method(mNative, "push_span", native_push_span, -1);
     rb_define_singleton_method(mNative, "pop_span", native_pop_span, 1);
 }

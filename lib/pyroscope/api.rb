@@ -8,7 +8,6 @@ require "monitor"
 # belong to the calling fiber, as the OpenTelemetry context does; tags set for another
 # thread, and `thread_id`, are thread-wide: under the own tags of every fiber of it.
 module Pyroscope
-  THREAD_TAGS = :__pyroscope_thread_tags # thread variable: thread-wide tags, String => String
 
   @lock = Monitor.new
   @config = nil
@@ -142,34 +141,11 @@ module Pyroscope
     end
 
     # Merges `tags` into the calling fiber's tags, or another thread's thread-wide ones (a
-    # nil value removes the key). Returns the previous values of the keys it changed (nil
-    # for absent), which restore them when passed back.
+    # nil value removes the key).
     def change_tags(thread, tags)
       return Native.change_fiber_tags(Native.fiber_labels, tags) if thread == Thread.current
 
-      change_thread_tags(thread, tags)
-    end
-
-    def change_thread_tags(thread, tags)
-      updated = (thread.thread_variable_get(THREAD_TAGS) || {}).dup
-      previous = merge_tags!(updated, tags)
-      Native.set_thread_labels(thread, updated)
-      thread.thread_variable_set(THREAD_TAGS, updated.freeze)
-      previous
-    end
-
-    # Merges tags into `updated`, in place, as Native.change_fiber_tags does a fiber's.
-    # Returns the previous values of the keys it changed.
-    def merge_tags!(updated, tags)
-      raise ArgumentError, "tags must be a Hash, got #{tags.inspect}" unless tags.is_a?(Hash)
-
-      previous = {}
-      tags.each do |k, v|
-        key = k.to_s
-        previous[key] = updated[key] unless previous.key?(key)
-        v.nil? ? updated.delete(key) : updated[key] = v.to_s
-      end
-      previous
+      Native.change_thread_tags(thread, tags)
     end
 
     def thread_and_tags(args, name)
@@ -186,8 +162,8 @@ module Pyroscope
       @thread_id_tracker = nil
       return unless enabled
 
-      Thread.list.each { |t| change_thread_tags(t, { "thread_id" => t.native_thread_id }) if t.native_thread_id }
-      @thread_id_tracker = TracePoint.new(:thread_begin) { change_thread_tags(Thread.current, { "thread_id" => thread_id }) }
+      Thread.list.each { |t| Native.change_thread_tags(t, { "thread_id" => t.native_thread_id }) if t.native_thread_id }
+      @thread_id_tracker = TracePoint.new(:thread_begin) { Native.change_thread_tags(Thread.current, { "thread_id" => thread_id }) }
       @thread_id_tracker.enable
     end
 
