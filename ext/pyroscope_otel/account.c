@@ -211,6 +211,22 @@ static uint32_t fallback_stack(enum tail_site site)
     return n > 0 ? po_agg_intern_stack(po_active, gvl_frames, gvl_lines, n) : UINT32_MAX;
 }
 
+/* Under po_lock: the stack for a charge of labels without a sample in this window: one
+ * drawn from their kind's recent samples (*drawn set), else the fallback, walked where
+ * labels change once per kind (attribution.c). */
+static uint32_t charge_stack(uint64_t kind, enum tail_site site, int *drawn)
+{
+    uint32_t stack = po_attr_draw(po_active, kind);
+    *drawn = stack != UINT32_MAX;
+    if (*drawn) return stack;
+    stack = site == TAIL_HERE ? po_attr_boundary(po_active, kind) : UINT32_MAX;
+    if (stack == UINT32_MAX) {
+        stack = fallback_stack(site);
+        if (site == TAIL_HERE) po_attr_set_boundary(po_active, kind, stack);
+    }
+    return stack;
+}
+
 /* Under po_lock, on the thread itself: its CPU time now, for a label change. Measured: 4
  * reads per request (a span and a tag_wrapper in it) were 4 of the 6 system calls the
  * profiled web server added per request, ~3 µs each there; 2 of them came within a few
@@ -250,19 +266,11 @@ static void charge_tail_locked(po_thread *t, enum tail_site site)
         if (!last->count) po_attr_hold(po_active, kind_of(t), t->last, tail);
     } else {
         uint64_t kind = kind_of(t);
-        uint32_t stack = po_attr_draw(po_active, kind);
-        uint32_t idx;
-        if (stack != UINT32_MAX) {
-            idx = po_agg_record_stack(po_active, stack, t->labels, tail, 0);
+        int drawn;
+        uint32_t idx = po_agg_record_stack(po_active, charge_stack(kind, site, &drawn), t->labels, tail, 0);
+        if (drawn) {
             po_stat_drawn_flushes++;
         } else {
-            /* walked once per kind (attribution.c) */
-            uint32_t boundary = site == TAIL_HERE ? po_attr_boundary(po_active, kind) : UINT32_MAX;
-            if (boundary == UINT32_MAX) {
-                boundary = fallback_stack(site);
-                if (site == TAIL_HERE) po_attr_set_boundary(po_active, kind, boundary);
-            }
-            idx = po_agg_record_stack(po_active, boundary, t->labels, tail, 0);
             po_attr_hold(po_active, kind, po_agg_ref(po_active, idx), tail);
             po_stat_boundary_flushes++;
         }
@@ -290,14 +298,8 @@ static void charge_wall_tail_locked(po_thread *t, enum tail_site site)
         last->wall_ns += wall;
         return;
     }
-    uint64_t kind = kind_of(t);
-    uint32_t stack = po_attr_draw(po_active, kind);
-    if (stack == UINT32_MAX && site == TAIL_HERE) stack = po_attr_boundary(po_active, kind); /* walked once per kind */
-    if (stack == UINT32_MAX) {
-        stack = fallback_stack(site);
-        if (site == TAIL_HERE) po_attr_set_boundary(po_active, kind, stack);
-    }
-    uint32_t idx = po_agg_record_stack(po_active, stack, t->labels, 0, 0);
+    int drawn;
+    uint32_t idx = po_agg_record_stack(po_active, charge_stack(kind_of(t), site, &drawn), t->labels, 0, 0);
     po_agg_add_wall(po_active, idx, wall);
     t->last = po_agg_ref(po_active, idx);
 }
