@@ -35,7 +35,6 @@ static void roots_mark(void *p)
     (void)p;
     rb_gc_mark(fork_child_block);
     po_recorder_mark();
-    po_label_slots_mark();
     po_threads_mark();
 }
 

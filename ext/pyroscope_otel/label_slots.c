@@ -92,14 +92,6 @@ static const rb_data_type_t span_labels_type = {
     .flags = RUBY_TYPED_FREE_IMMEDIATELY,
 };
 
-void po_label_slots_mark(void)
-{
-    po_lock();
-    for (int i = 0; i < po_threads_high_water; i++) /* not all 4 096 at every GC */
-        if (po_threads[i].tid && po_threads[i].fiber_obj) rb_gc_mark(po_threads[i].fiber_obj);
-    po_unlock();
-}
-
 /* the calling fiber's object, created when `create`; Qnil when it has none */
 static VALUE current_object(int create)
 {

@@ -160,7 +160,7 @@ po_thread *po_thread_current(int create);
 /* GVL, outside po_lock and thread event hooks (calls Ruby methods): any Ruby thread's
  * entry; NULL when it has not started or has ended, or the table is full */
 po_thread *po_thread_of_thread(VALUE thread, int create);
-void po_threads_mark(void);                       /* GC mark phase: the entries' owners */
+void po_threads_mark(void);                       /* GC mark phase: the entries' owners and running fibers' objects */
 /* GVL, outside po_lock and thread event hooks: releases the entries of threads that ended
  * unseen (Ruby 3.1, which reports only threads that return; a no-op on >= 3.2) */
 void po_threads_sweep(void);
@@ -202,7 +202,6 @@ static inline void po_thread_detach_fiber(po_thread *t)
 #define PO_MAX_SPANS 128 /* active spans per fiber; one more drops the outermost */
 extern uint64_t po_spans_dropped; /* GVL: outermost spans dropped past the cap, since load */
 void po_label_slots_init(VALUE mNative); /* at load */
-void po_label_slots_mark(void);          /* GC mark phase: the running fibers' objects */
 
 /* ---- timer.c: one POSIX CPU-time timer per thread ------------------------------ */
 int po_timer_arm(po_thread *t, int slot, long interval_ns); /* 0 or errno */

@@ -307,14 +307,20 @@ po_thread *po_thread_cached(void)
     return t && t->tid == po_current_tid() && t->owner == thread ? t : NULL;
 }
 
-/* GC mark phase: entries' owners. Marked, hence pinned: compaction never moves them, so
- * comparing an owner with a Thread stays an identity test, and an owner is never freed
- * (and its address reused by a new Thread) while an entry names it. */
+/* GC mark phase, in one pass up to the high-water mark (not all 4 096 entries at every
+ * GC): entries' owners and the objects of the fibers running on them (label_slots.c).
+ * Owners marked, hence pinned: compaction never moves them, so comparing an owner with a
+ * Thread stays an identity test, and an owner is never freed (and its address reused by a
+ * new Thread) while an entry names it. */
 void po_threads_mark(void)
 {
     po_lock();
-    for (int i = 0; i < po_threads_high_water; i++)
-        if (po_threads[i].tid && RTEST(po_threads[i].owner)) rb_gc_mark(po_threads[i].owner);
+    for (int i = 0; i < po_threads_high_water; i++) {
+        po_thread *t = &po_threads[i];
+        if (!t->tid) continue;
+        if (RTEST(t->owner)) rb_gc_mark(t->owner);
+        if (t->fiber_obj) rb_gc_mark(t->fiber_obj);
+    }
     po_unlock();
 }
 
