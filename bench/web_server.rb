@@ -20,7 +20,8 @@ $stdout.puts server.connected_ports.first
 $stdout.flush
 while $stdin.gets
   # this gem's own CPU: its samples, its exports and its uploads (Pyroscope.stats)
-  own = defined?(Pyroscope::Stats) && Pyroscope.stats[:profiler_cpu_ns] ? Pyroscope.stats[:profiler_cpu_ns] / 1e9 : 0
+  # (nil before configure: the processor-only mode; no Stats: Grafana's gem)
+  own = defined?(Pyroscope::Stats) ? Pyroscope.stats[:profiler_cpu_ns].to_i / 1e9 : 0
   $stdout.puts "#{Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)} #{own}"
   $stdout.flush
 end

@@ -14,13 +14,13 @@ module Pyroscope
     class << self
       # Called when profiling starts (configure, a fork's child): the CPU figures count from here.
       def start
-        @since = [Process.pid, profiler_cpu_ns, process_cpu_ns] unless @since&.first == Process.pid
+        @since = [Process.pid, profiler_cpu_ns(Native.stats, Native.upload_stats), process_cpu_ns] unless @since&.first == Process.pid
       end
 
       def read
         sampler = Native.stats
         uploads = Native.upload_stats
-        own, process = cpu_since_start
+        own, process = cpu_since_start(profiler_cpu_ns(sampler, uploads))
         { running: sampler[:running], samples: sampler[:samples], samples_dropped: sampler[:samples_dropped],
           label_changes: sampler[:label_changes], windows_sent: uploads[:windows_sent],
           windows_failed: uploads[:windows_failed], windows_dropped: uploads[:windows_dropped],
@@ -30,16 +30,17 @@ module Pyroscope
 
       private
 
-      def cpu_since_start
+      def cpu_since_start(profiler_now)
         return [nil, nil] unless @since&.first == Process.pid
 
-        [profiler_cpu_ns - @since[1], process_cpu_ns - @since[2]]
+        [profiler_now - @since[1], process_cpu_ns - @since[2]]
       end
 
       # Timer samples' walks and aggregation (on the sampled threads' clocks), the exports
-      # (frames to strings, on the exporter's thread) and the uploader (encoding, gzip, HTTP).
-      def profiler_cpu_ns
-        Native.stats[:sampling_cpu_ns] + Exporter.cpu_ns + Native.upload_stats[:cpu_ns]
+      # (frames to strings, on the exporter's thread) and the uploader (encoding, gzip, HTTP),
+      # from Native.stats and Native.upload_stats as read.
+      def profiler_cpu_ns(sampler, uploads)
+        sampler[:sampling_cpu_ns] + Exporter.cpu_ns + uploads[:cpu_ns]
       end
 
       def process_cpu_ns
