@@ -185,7 +185,6 @@ static VALUE build_samples(VALUE arg)
         Check_Type(s, T_ARRAY);
         int64_t cpu = NUM2LL(RARRAY_AREF(s, 2));
         int64_t wall = RARRAY_LEN(s) > 4 ? NUM2LL(RARRAY_AREF(s, 4)) : 0; /* [.., count, wall_ns] */
-        if (wall > 0) b->m->wall = 1;
         if (cpu < 0) cpu = 0;
         if (wall < 0) wall = 0;
         if (cpu == 0 && wall == 0) continue;
@@ -335,8 +334,7 @@ po_model *po_model_from_agg(const po_agg *a, uint64_t started, uint64_t ended, i
     uint32_t *stack_of = malloc(sizeof(uint32_t) * (a->stacks_used ? a->stacks_used : 1));
     if (!stack_of) rb_raise(rb_eNoMemError, "pyroscope: cannot allocate an export model");
     po_model *m = new_model(started, ended, sample_rate);
-    m->wall = po_wall_enabled() || a->dropped_wall_ns;
-    for (uint32_t i = 0; i < a->samples_used && !m->wall; i++) m->wall = a->samples[i].wall_ns != 0;
+    m->wall = po_wall_enabled(); /* and any sample with wall ns sets it (po_model_sample) */
     struct build b = { .m = m, .app_root = app_root, .prefixes = prefixes, .tags = tags };
     b.frames = st_init_numtable();
     b.strs = st_init_numtable();

@@ -235,6 +235,7 @@ void po_model_sample(po_model *m, uint32_t stack, const uint32_t *labs, uint32_t
     s->n_lab = n_lab;
     s->cpu_ns = cpu_ns;
     s->wall_ns = wall_ns;
+    if (wall_ns) m->wall = 1;
     memcpy(&m->labs[m->n_labs], labs, 2 * n_lab * sizeof(*labs));
     m->n_labs += 2 * n_lab;
 }

@@ -47,7 +47,8 @@ typedef struct po_model {
     int64_t time_nanos, duration_nanos, period;
     size_t approx_bytes; /* what the model holds, for the queue's byte cap */
     int oom;             /* an allocation failed: the model is incomplete, drop it */
-    int wall;            /* its samples carry wall ns: profiles get the second sample type */
+    int wall;            /* profile type :wall, or a sample with wall ns (set by po_model_sample):
+                          * profiles get the second sample type */
 } po_model;
 
 void po_model_init(po_model *m);
