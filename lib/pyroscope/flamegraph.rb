@@ -73,7 +73,7 @@ module Pyroscope
     end
 
     def value(sample)
-      @type == :wall ? sample.wall_ns.to_i : sample.cpu_ns
+      @type == :wall ? sample.wall_ns : sample.cpu_ns
     end
 
     def total_ns
@@ -81,7 +81,7 @@ module Pyroscope
     end
 
     def wall?
-      @samples.any? { |s| s.wall_ns.to_i.positive? }
+      @samples.any? { |s| s.wall_ns.positive? }
     end
 
     # The spans found, by span id (profile_id or span_id) and name (span or span_name),
@@ -95,7 +95,7 @@ module Pyroscope
         name = s.labels.values_at(*SPAN_NAME_LABELS).compact.first
         span = (found[[id, name]] ||= Span.new(id, name, 0, 0, 0))
         span.cpu_ns += s.cpu_ns
-        span.wall_ns += s.wall_ns.to_i
+        span.wall_ns += s.wall_ns
         span.samples += 1
       end
       found.values.sort_by { |span| [@type == :wall ? -span.wall_ns : -span.cpu_ns, span.id] }
