@@ -84,6 +84,17 @@ RSpec.describe "Bad input" do
     many = Array.new(10_000) { |i| ["k#{i}", i] }.to_h
     expect { native.set_labels(many) }.to raise_error(ArgumentError, /at most 100/)
     expect { Pyroscope.tag_wrapper(many) { raise "not reached" } }.to raise_error(ArgumentError, /at most 100/)
+    sixty = ->(prefix) { Array.new(60) { |i| ["#{prefix}#{i}", i] }.to_h }
+    native.set_labels(sixty.call("a"))
+    expect { Pyroscope.tag_wrapper(sixty.call("b")) { raise "not reached" } }.to raise_error(ArgumentError, /120 .*at most 100/)
+    expect(native.labels.size).to eq(60) # 120 once merged: refused, the tags as they were
+    go = Queue.new
+    other = Thread.new { go.pop }
+    Thread.pass until other.native_thread_id
+    expect(native.change_thread_tags(other, sixty.call("a"))).to be_a(Hash)
+    expect { native.change_thread_tags(other, sixty.call("b")) }.to raise_error(ArgumentError, /120 .*at most 100/)
+    go << true
+    other.join
     native.set_labels({ "still" => "fine" })
     expect(native.labels).to eq("still" => "fine")
   end

@@ -211,6 +211,14 @@ static char *copy_strings(po_label *to, VALUE ks, VALUE vs, char *p)
     return p + vl + 1;
 }
 
+/* a thread's labels, within the server's labels-per-sample limit */
+static void check_count(long n)
+{
+    if (n > PO_MAX_LABELS)
+        rb_raise(rb_eArgError, "too many labels on one thread: %ld (the server accepts at most %d per sample)", n,
+                 PO_MAX_LABELS);
+}
+
 /* String key -> String value, so that "a" and :a are one key and the later one wins,
  * as in a Hash merge. */
 static int collect_pair(VALUE k, VALUE v, VALUE strs)
@@ -236,9 +244,7 @@ po_labelset *po_labelset_from_hash(VALUE hash)
     rb_hash_foreach(hash, collect_pair, strs);
     long n = RHASH_SIZE(strs);
     if (n == 0) return NULL;
-    if (n > PO_MAX_LABELS)
-        rb_raise(rb_eArgError, "too many labels on one thread: %ld (the server accepts at most %d per sample)",
-                 n, PO_MAX_LABELS);
+    check_count(n);
     VALUE kv = rb_ary_new_capa(n * 2);
     rb_hash_foreach(strs, flatten_pair, kv);
     po_labelset *ls = po_labelset_from_pairs(RARRAY_CONST_PTR(kv), n);
@@ -342,9 +348,7 @@ static int replaced(const po_label *l, const po_label **changed, long n)
 po_labelset *po_labelset_apply(const po_labelset *base, VALUE changes, VALUE *previous)
 {
     if (!RB_TYPE_P(changes, T_HASH)) rb_raise(rb_eArgError, "tags must be a Hash, got %+"PRIsVALUE, changes);
-    if (RHASH_SIZE(changes) > PO_MAX_LABELS)
-        rb_raise(rb_eArgError, "too many labels on one thread: %ld (the server accepts at most %d per sample)",
-                 (long)RHASH_SIZE(changes), PO_MAX_LABELS);
+    check_count((long)RHASH_SIZE(changes));
     VALUE strs = rb_hash_new(); /* "a" and :a are one key; the later wins, as in a Hash merge */
     rb_hash_foreach(changes, collect_change, strs);
     VALUE kv = rb_ary_new_capa(RHASH_SIZE(strs) * 2);
@@ -367,8 +371,7 @@ po_labelset *po_labelset_apply(const po_labelset *base, VALUE changes, VALUE *pr
         n++;
         bytes += base->pairs[i].key_len + base->pairs[i].value_len + 2;
     }
-    if (n > PO_MAX_LABELS)
-        rb_raise(rb_eArgError, "too many labels on one thread: %ld (the server accepts at most %d per sample)", n, PO_MAX_LABELS);
+    check_count(n);
     if (previous) *previous = prev;
     if (n == 0) return NULL;
     po_labelset *ls = malloc(sizeof(*ls) + n * sizeof(po_label) + bytes);
